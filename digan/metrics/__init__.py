@@ -1,0 +1,1 @@
+"""digan.metrics."""
