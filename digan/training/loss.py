@@ -1,0 +1,171 @@
+"""DIGAN's loss: non-saturating logistic GAN loss on two discriminators, lazy R1 folded into D's loss.
+
+Paper §3 / official `loss.py` (OurStyleGAN2Loss):
+
+    L_G = E softplus(-D_M(aug(fake_pair), Δt)) + E softplus(-D_I(aug(fake_frames)))
+    L_D = E[softplus(D_M(fake)) + softplus(-D_M(real))] + E[softplus(D_I(fake)) + softplus(-D_I(real))]
+          + r1_interval * gamma/2 * (E ||∇_x D_M(x)||² + E ||∇_y D_I(y)||²)       (on lazy R1 steps only)
+
+with x the UN-augmented 7-channel real input of D_M (Δt plane included; the gradient flows back through
+the augmentation) and y the AUGMENTED real frames that D_I sees, exactly as the official code does.
+Both discriminators see the same augmented pair: D_M the pair stacked with the Δt plane, D_I its two
+frames as separate images.
+
+The nets are arguments (EDM style): the loss owns no modules, runs every forward through the modules it
+is given (under DeepSpeed these are `engine.module`, see `recipe.py`) and never calls `.backward()`.
+The official code runs R1 as its own optimizer step (phase "Dreg"); here it is summed into the one D
+loss of that step, because a DeepSpeed engine keeps only the last backward before `step()`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from digan.config import LossConfig
+from digan.training.augment import DiffAugment, random_xflip
+
+Stats = dict[str, torch.Tensor]
+
+
+def sample_time_pairs(batch: int, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """Training timestamps t [B, 2] in [0, 1], t[:, 0] <= t[:, 1] (official `run_G`).
+
+    u1 ~ Beta(2, 1) and u2 ~ Beta(1, 2), then sorted; mean Δt ≈ 0.40. Drawn by inverting the CDFs
+    (Beta(2,1): sqrt(U); Beta(1,2): 1 - sqrt(U)) so a seeded `generator` makes them reproducible.
+    With a generator the draw happens on the generator's device and is moved to `device`.
+    """
+    gen_device = generator.device if generator is not None else device
+    u = torch.rand(batch, 2, generator=generator, device=gen_device)
+    u1 = u[:, 0].sqrt()  # Beta(2, 1)
+    u2 = 1 - u[:, 1].sqrt()  # Beta(1, 2)
+    t = torch.stack([torch.minimum(u1, u2), torch.maximum(u1, u2)], dim=1)
+    return t.to(device) if device is not None else t
+
+
+def motion_input(pair: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """D_M's input [N, 7, H, W] = cat(frame_early, frame_late, Δt as a constant plane).
+
+    Same layout as `digan.models.motion_input` (a test checks they agree); kept here so the loss can make
+    the 7-channel tensor the R1 leaf and split it again around the augmentation.
+    """
+    n, _, _, h, w = pair.shape
+    dt_plane = dt.to(pair.dtype).view(n, 1, 1, 1).expand(n, 1, h, w)
+    return torch.cat([pair.flatten(1, 2), dt_plane], dim=1)
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating parameter (fp32 unless an engine converted it to bf16/fp16)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _fp32_up(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32 for losses and norms; fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared L2 norm of a gradient, computed in at least fp32."""
+    return _fp32_up(g).square().flatten(1).sum(1)
+
+
+class DIGANLoss:
+    """Losses for one D step (`d_loss`) and one G step (`g_loss`); each draws fresh z, z_M and t."""
+
+    def __init__(self, r1_gamma: float = 1.0, r1_interval: int = 16, diffaug_policy: str = "color,translation",
+                 translation_ratio: float = 0.125, xflip: bool = True,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.r1_gamma = r1_gamma  # R1 weight: the penalty is gamma/2 * ||grad||^2
+        self.r1_interval = r1_interval  # lazy R1 every this many steps (and scaled by it); 0 = never
+        # pair [N,2,3,H,W] -> pair; DiffAugment unless a caller injects its own (tests fix the randomness).
+        self.augment = augment if augment is not None else DiffAugment(diffaug_policy, translation_ratio)
+        self.xflip = xflip
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig) -> "DIGANLoss":
+        return cls(r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval, diffaug_policy=cfg.diffaug_policy,
+                   translation_ratio=cfg.translation_ratio, xflip=cfg.xflip)
+
+    def r1_due(self, step: int) -> bool:
+        """Lazy R1 on steps 0, k, 2k, ... (StyleGAN2-ADA: `batch_idx % interval == 0`)."""
+        return self.r1_interval > 0 and self.r1_gamma > 0 and step % self.r1_interval == 0
+
+    # ------------------------------------------------------------------------------------------------
+
+    def generate_pairs(self, G: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Render 2 frames per video at sorted Beta times with fresh z and z_M: (pair [B,2,3,H,W], Δt [B])."""
+        device, dtype = _device_of(G), _dtype_of(G)
+        z = torch.randn(batch_size, G.z_dim, device=device, dtype=dtype)
+        z_M = torch.randn(batch_size, G.motion_z_dim, device=device, dtype=dtype)
+        t = sample_time_pairs(batch_size, device=device)
+        pair = G(z, z_M, t.to(dtype))
+        return pair, t[:, 1] - t[:, 0]
+
+    def run_D(self, D_img: torch.nn.Module, D_mot: torch.nn.Module, x: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Augment a 7-channel motion input once and score it: (logits_M [N], logits_I [2N], frames_aug).
+
+        frames_aug [2N, 3, H, W] is the exact tensor D_I saw (R1 of D_I is taken w.r.t. it).
+        """
+        n, _, h, w = x.shape
+        dtype = _dtype_of(D_mot)
+        pair = self.augment(x[:, :6].unflatten(1, (2, 3)))
+        x_aug = torch.cat([pair.flatten(1, 2), x[:, 6:]], dim=1)  # the Δt plane is not augmented
+        frames_aug = pair.flatten(0, 1).to(_dtype_of(D_img))
+        logits_M = _fp32_up(D_mot(x_aug.to(dtype))).flatten()
+        logits_I = _fp32_up(D_img(frames_aug)).flatten()
+        return logits_M, logits_I, frames_aug
+
+    def d_loss(self, G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, real_pair: torch.Tensor,
+               real_dt: torch.Tensor, do_r1: bool) -> tuple[torch.Tensor, Stats]:
+        """D's loss for one step (both discriminators, plus interval-scaled R1 when `do_r1`).
+
+        real_pair [B, 2, 3, H, W] in [-1, 1] (earlier frame first), real_dt [B] = index gap / (N - 1).
+        G is only run forward, without building a graph: D's step must not touch G's gradients.
+        """
+        batch_size = real_pair.shape[0]
+        with torch.no_grad():
+            fake_pair, fake_dt = self.generate_pairs(G, batch_size)
+        fake_M, fake_I, _ = self.run_D(D_img, D_mot, motion_input(fake_pair, fake_dt))
+
+        if self.xflip:
+            real_pair = random_xflip(real_pair)
+        x_real = motion_input(real_pair, real_dt).detach().requires_grad_(do_r1)
+        real_M, real_I, frames_aug = self.run_D(D_img, D_mot, x_real)
+
+        loss_M = F.softplus(fake_M).mean() + F.softplus(-real_M).mean()
+        loss_I = F.softplus(fake_I).mean() + F.softplus(-real_I).mean()
+        loss = loss_M + loss_I
+        stats: Stats = {"loss_D": loss.detach(), "loss_D_M": loss_M.detach(), "loss_D_I": loss_I.detach(),
+                        "D_M_real": real_M.detach().mean(), "D_M_fake": fake_M.detach().mean(),
+                        "D_I_real": real_I.detach().mean(), "D_I_fake": fake_I.detach().mean()}
+        if do_r1:
+            # Two separate grads: D_I's logits also depend on x_real (through the augmentation), so one
+            # joint call would mix D_I's gradient into D_M's penalty.
+            (g_M,) = torch.autograd.grad(real_M.sum(), x_real, create_graph=True)
+            (g_I,) = torch.autograd.grad(real_I.sum(), frames_aug, create_graph=True)
+            r1_M, r1_I = _grad_sq_norm(g_M).mean(), _grad_sq_norm(g_I).mean()
+            r1 = (self.r1_gamma / 2) * (r1_M + r1_I)
+            loss = loss + r1 * self.r1_interval  # lazy regularisation: scaled by how rarely it runs
+            stats |= {"r1": r1.detach(), "r1_penalty_M": r1_M.detach(), "r1_penalty_I": r1_I.detach()}
+        return loss, stats
+
+    def g_loss(self, G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module,
+               batch_size: int) -> tuple[torch.Tensor, Stats]:
+        """G's non-saturating loss on a fresh batch. The caller freezes D (see `recipe.g_step`)."""
+        fake_pair, fake_dt = self.generate_pairs(G, batch_size)
+        fake_M, fake_I, _ = self.run_D(D_img, D_mot, motion_input(fake_pair, fake_dt))
+        loss_M = F.softplus(-fake_M).mean()
+        loss_I = F.softplus(-fake_I).mean()
+        loss = loss_M + loss_I
+        return loss, {"loss_G": loss.detach(), "loss_G_M": loss_M.detach(), "loss_G_I": loss_I.detach()}

@@ -1,0 +1,167 @@
+"""One training step of DIGAN, framework-free: D step (lazy R1 folded in), G step (D frozen), EMA.
+
+The recipe sees nets and `Updater`s only. Single-process training uses `PlainUpdater`; the distributed
+worker passes DeepSpeed-backed updaters and the engines' `.module`s as the nets. Rules this file keeps so
+that the same code is correct under DeepSpeed (ray-deepspeed-stack.md §2):
+  - every forward goes through the modules given here (never through an engine);
+  - exactly one `backward` and one `step` per updater per training step (R1 is part of D's loss);
+  - D is frozen (requires_grad False) during G's step, so G's loss leaves no gradient in D;
+  - `.backward()` is never called on a tensor directly, only `updater.backward(loss)`.
+
+Stats are returned as detached tensors: converting them to Python floats forces a host-device sync, so
+do it once, only on logging steps (`stats_to_floats`).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from digan.config import Config
+from digan.training.ema import EMA
+from digan.training.loss import DIGANLoss, Stats
+from digan.training.optim import PlainUpdater, Updater, build_adam
+
+
+@contextmanager
+def frozen(*modules: torch.nn.Module) -> Iterator[None]:
+    """Set requires_grad False on every parameter inside the block, then restore each flag as it was."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def d_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, d_updater: Updater,
+           loss: DIGANLoss, real_pair: torch.Tensor, real_dt: torch.Tensor, do_r1: bool) -> Stats:
+    """One update of both discriminators (one backward, one step)."""
+    d_updater.zero_grad()
+    loss_D, stats = loss.d_loss(G, D_img, D_mot, real_pair, real_dt, do_r1)
+    d_updater.backward(loss_D)
+    d_updater.step()
+    return stats
+
+
+def g_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, g_updater: Updater,
+           loss: DIGANLoss, batch_size: int) -> Stats:
+    """One update of G on fresh z, z_M and t; gradients flow through the frozen discriminators."""
+    g_updater.zero_grad()
+    with frozen(D_img, D_mot):
+        loss_G, stats = loss.g_loss(G, D_img, D_mot, batch_size)
+        g_updater.backward(loss_G)
+    g_updater.step()
+    return stats
+
+
+def train_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, g_updater: Updater,
+               d_updater: Updater, loss: DIGANLoss, ema: EMA, real_pair: torch.Tensor, real_dt: torch.Tensor,
+               step: int, cur_nimg: int) -> Stats:
+    """One DIGAN iteration: D step (with R1 when `loss.r1_due(step)`), G step, EMA update.
+
+    real_pair [B_local, 2, 3, H, W] in [-1, 1] and real_dt [B_local] are this worker's share of the batch;
+    G's step uses the same local batch size. `step` counts iterations from 0 (lazy R1 on step 0, k, 2k..);
+    `cur_nimg` is the number of real pairs seen by all workers BEFORE this step (drives the EMA ramp-up).
+    Returns detached tensors: loss_D, loss_G, D_{M,I}_{real,fake} logit means, r1 (R1 steps only),
+    ema_beta and kimg (images seen after this step, in thousands).
+    """
+    do_r1 = loss.r1_due(step)
+    stats = d_step(G, D_img, D_mot, d_updater, loss, real_pair, real_dt, do_r1)
+    stats |= g_step(G, D_img, D_mot, g_updater, loss, real_pair.shape[0])
+    beta = ema.update(G, cur_nimg)
+    stats["ema_beta"] = torch.tensor(beta)
+    stats["kimg"] = torch.tensor((cur_nimg + ema.batch_size) / 1000)
+    return stats
+
+
+def stats_to_floats(stats: Stats) -> dict[str, float]:
+    """Tensors -> floats with ONE device sync (call only on logging steps)."""
+    keys = list(stats)
+    values = torch.stack([stats[k].detach().float().reshape(()).cpu() for k in keys]).tolist() if keys else []
+    return dict(zip(keys, values))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Single-process training: the same step, plain PyTorch updaters. Used by tests and small CPU runs.
+
+
+class DiscriminatorPair(torch.nn.Module):
+    """D_I and D_M in one module, so one optimiser (or one DeepSpeed engine) updates both."""
+
+    def __init__(self, D_img: torch.nn.Module, D_mot: torch.nn.Module):
+        super().__init__()
+        self.img = D_img
+        self.mot = D_mot
+
+
+class SingleProcessTrainer:
+    """G, D_I, D_M, G_ema, Adam updaters, loss and EMA for one process (no Ray, no DeepSpeed)."""
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu", seed: int | None = None):
+        from digan.models import build_discriminators, build_generator  # heavy import, only when training
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.G = build_generator(cfg.model).to(self.device).train()
+        D_img, D_mot = build_discriminators(cfg.model)
+        self.D = DiscriminatorPair(D_img, D_mot).to(self.device).train()
+        self.ema = EMA(copy.deepcopy(self.G).eval(), cfg.train.batch_size, cfg.optim.ema_kimg, cfg.optim.ema_rampup)
+        self.loss = DIGANLoss.from_config(cfg.loss)
+        self.g_updater = PlainUpdater(self.G, build_adam(self.G.parameters(), cfg.optim, cfg.loss.g_reg_interval),
+                                      cfg.optim.grad_clamp)
+        self.d_updater = PlainUpdater(self.D, build_adam(self.D.parameters(), cfg.optim, cfg.loss.r1_interval),
+                                      cfg.optim.grad_clamp)
+        self.step = 0
+        self.cur_nimg = 0
+
+    @property
+    def G_ema(self) -> torch.nn.Module:
+        return self.ema.module
+
+    def train_step(self, real_pair: torch.Tensor, real_dt: torch.Tensor) -> Stats:
+        real_pair = real_pair.to(self.device, torch.float32, non_blocking=True)
+        real_dt = real_dt.to(self.device, torch.float32, non_blocking=True)
+        stats = train_step(self.G, self.D.img, self.D.mot, self.g_updater, self.d_updater, self.loss, self.ema,
+                           real_pair, real_dt, self.step, self.cur_nimg)
+        self.step += 1
+        self.cur_nimg += real_pair.shape[0]
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"G": self.g_updater.state_dict(), "D": self.d_updater.state_dict(), "G_ema": self.ema.state_dict(),
+                "step": self.step, "cur_nimg": self.cur_nimg}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.g_updater.load_state_dict(state["G"])
+        self.d_updater.load_state_dict(state["D"])
+        self.ema.load_state_dict(state["G_ema"])
+        self.step, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
+
+
+def fit(cfg: Config, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_steps: int,
+        device: torch.device | str = "cpu", seed: int | None = 0, log_every: int = 0) -> tuple[SingleProcessTrainer, list[dict[str, float]]]:
+    """Train for `num_steps` on an iterator of (pair [B,2,3,H,W] in [-1,1], dt [B]); returns trainer and history.
+
+    The history holds every step's stats as floats (one sync per step, fine for small CPU runs);
+    `log_every > 0` prints a progress line every that many steps.
+    """
+    trainer = SingleProcessTrainer(cfg, device, seed)
+    history: list[dict[str, float]] = []
+    it = iter(batches)
+    for _ in range(num_steps):
+        real_pair, real_dt = next(it)
+        stats = stats_to_floats(trainer.train_step(real_pair, real_dt))
+        history.append(stats)
+        if log_every and trainer.step % log_every == 0:
+            print(f"step {trainer.step:6d} kimg {stats['kimg']:8.3f} loss_G {stats['loss_G']:.4f} "
+                  f"loss_D {stats['loss_D']:.4f}" + (f" r1 {stats['r1']:.4g}" if "r1" in stats else ""), flush=True)
+    return trainer, history

@@ -1,0 +1,346 @@
+"""The recipe's maths on small real modules: R1 vs finite differences, EMA closed form, lazy-reg Adam
+rescaling, DiffAugment properties, time sampling, and the step protocol (one backward per updater,
+D frozen in G's step)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from digan.config import OptimConfig, load_config
+from digan.training import (EMA, DIGANLoss, DiffAugment, DiscriminatorPair, PlainUpdater, adam_kwargs, build_adam,
+                            d_step, frozen, g_step, motion_input, random_xflip, sample_time_pairs, sanitize_grads_,
+                            stats_to_floats, train_step)
+from digan.training.augment import rand_translation
+
+# ----------------------------------------------------------------------------------------------------
+# Small real modules with the model API (smooth activations so finite differences are accurate).
+
+
+class TinyG(nn.Module):
+    def __init__(self, res: int = 8, z_dim: int = 4, motion_z_dim: int = 3):
+        super().__init__()
+        self.z_dim, self.motion_z_dim, self.resolution = z_dim, motion_z_dim, res
+        self.fc = nn.Linear(z_dim + motion_z_dim + 1, 3 * res * res)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, z, z_M, t):
+        b, n = t.shape
+        h = torch.cat([z[:, None].expand(b, n, -1), z_M[:, None].expand(b, n, -1), t[..., None]], dim=-1)
+        return torch.tanh(self.fc(h)).view(b, n, 3, self.resolution, self.resolution)
+
+
+class TinyD(nn.Module):
+    def __init__(self, in_channels: int, res: int = 8):
+        super().__init__()
+        self.conv0 = nn.Conv2d(in_channels, 6, 3, padding=1)
+        self.conv1 = nn.Conv2d(6, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6 * (res // 2) ** 2, 1)
+
+    def forward(self, x):
+        x = torch.tanh(self.conv0(x))
+        x = F.softplus(self.conv1(x))
+        return self.fc(x.flatten(1)).squeeze(1)
+
+
+def tiny_nets(res=8, dtype=torch.float32):
+    torch.manual_seed(0)
+    return TinyG(res).to(dtype), TinyD(3, res).to(dtype), TinyD(7, res).to(dtype)
+
+
+def fixed_augment(policy="color,translation", seed=3):
+    """DiffAugment with the same random parameters on every call (re-seeded generator)."""
+    aug = DiffAugment(policy, translation_ratio=0.25)
+    return lambda pair: aug(pair, generator=torch.Generator().manual_seed(seed))
+
+
+def finite_diff_grad(f, x, h=1e-5):
+    """Central differences of the scalar f at x (float64), all coordinates at once as one batch."""
+    flat = x.detach().flatten()
+    eye = torch.eye(flat.numel(), dtype=x.dtype) * h
+    xs_plus = (flat + eye).view(-1, *x.shape[1:])
+    xs_minus = (flat - eye).view(-1, *x.shape[1:])
+    return ((f(xs_plus) - f(xs_minus)) / (2 * h)).view_as(x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# R1
+
+
+@pytest.mark.parametrize("policy", ["", "color,translation"])
+def test_r1_matches_finite_differences(policy):
+    """D_M's penalty is w.r.t. the un-augmented 7-channel input (through the augmentation), D_I's w.r.t. the
+    augmented frames; both match central differences; the lazy term is interval * gamma/2 * sum."""
+    G, D_img, D_mot = tiny_nets(res=4, dtype=torch.float64)
+    loss = DIGANLoss(r1_gamma=0.7, r1_interval=5, xflip=False, augment=fixed_augment(policy))
+    real_pair = torch.rand(1, 2, 3, 4, 4, dtype=torch.float64) * 2 - 1  # one pair: FD below is per pair
+    real_dt = torch.tensor([0.4], dtype=torch.float64)
+    total, stats = loss.d_loss(G, D_img, D_mot, real_pair, real_dt, do_r1=True)
+
+    # D_M o augment, as a function of the raw 7-channel input x (batch of perturbed copies, each of N=1).
+    x = motion_input(real_pair, real_dt)
+    aug = fixed_augment(policy)
+
+    def f_M(xs):  # augment each copy with the same parameters (N=1 calls), score all at once
+        pairs = torch.cat([aug(xi[:, :6].unflatten(1, (2, 3))) for xi in xs.split(1)])
+        return D_mot(torch.cat([pairs.flatten(1, 2), xs[:, 6:]], dim=1))
+
+    g_M = finite_diff_grad(f_M, x)
+    assert g_M[:, 6].abs().sum() > 0  # the Δt plane is part of the R1 input
+    frames_aug = aug(real_pair).flatten(0, 1)  # [2, 3, H, W], what D_I saw
+    g_I = torch.cat([finite_diff_grad(D_img, fr[None]) for fr in frames_aug])
+
+    r1_M = g_M.square().sum()
+    r1_I = g_I.square().flatten(1).sum(1).mean()
+    torch.testing.assert_close(stats["r1_penalty_M"], r1_M, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(stats["r1_penalty_I"], r1_I, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(stats["r1"], 0.35 * (r1_M + r1_I), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(total - stats["loss_D"], 5 * stats["r1"].to(total.dtype), rtol=1e-6, atol=1e-9)
+
+
+def test_r1_off_step_has_no_penalty_and_gradient_reaches_D():
+    G, D_img, D_mot = tiny_nets()
+    loss = DIGANLoss(r1_gamma=1.0, r1_interval=4)
+    assert [loss.r1_due(s) for s in range(9)] == [True, False, False, False, True, False, False, False, True]
+    assert not DIGANLoss(r1_gamma=0.0, r1_interval=4).r1_due(0)
+    assert not DIGANLoss(r1_gamma=1.0, r1_interval=0).r1_due(0)
+    total, stats = loss.d_loss(G, D_img, D_mot, torch.rand(4, 2, 3, 8, 8) * 2 - 1, torch.rand(4), do_r1=False)
+    assert "r1" not in stats and torch.equal(total.detach(), stats["loss_D"])
+
+
+def test_r1_term_reaches_D_parameters():
+    """The penalty must be built with create_graph, else lazy R1 changes nothing in D's update."""
+    G, D_img, D_mot = tiny_nets()
+    loss = DIGANLoss(r1_gamma=1.0, r1_interval=1, xflip=False)
+    real, dt = torch.rand(2, 2, 3, 8, 8) * 2 - 1, torch.rand(2)
+    grads = []
+    for do_r1 in (False, True):
+        torch.manual_seed(1)  # same fake batch and augmentation in both calls
+        total, _ = loss.d_loss(G, D_img, D_mot, real, dt, do_r1)
+        grads.append(torch.autograd.grad(total, list(D_img.parameters()) + list(D_mot.parameters())))
+    for g0, g1 in zip(*grads):
+        assert torch.isfinite(g1).all()
+    assert any(not torch.allclose(g0, g1) for g0, g1 in zip(*grads))
+
+
+# ----------------------------------------------------------------------------------------------------
+# EMA
+
+
+class Scalar(nn.Module):
+    def __init__(self, value=0.0):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(value), dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(0))
+
+
+def test_ema_closed_form_with_rampup():
+    batch, ema_kimg, rampup = 32, 2.0, 0.05
+    G, G_ema = Scalar(), Scalar()
+    ema = EMA(G_ema, batch_size=batch, ema_kimg=ema_kimg, ema_rampup=rampup)
+    values = [math.sin(0.37 * k) + 0.01 * k for k in range(60)]
+    for k, v in enumerate(values):
+        with torch.no_grad():
+            G.p.fill_(v)
+            G.count.fill_(k)
+        ema.update(G, cur_nimg=k * batch)
+
+    # Closed form: ema_K = sum_k v_k (1 - b_k) prod_{j>k} b_j with b_k = 0.5 ** (batch / min(2000, 0.05 * k * 32)).
+    betas = [0.0 if k == 0 else 0.5 ** (batch / min(ema_kimg * 1000, rampup * k * batch)) for k in range(len(values))]
+    expected = sum(v * (1 - betas[k]) * math.prod(betas[k + 1:]) for k, v in enumerate(values))
+    assert abs(G_ema.p.item() - expected) < 1e-12
+    assert G_ema.count.item() == len(values) - 1  # buffers are copied
+    # Ramp-up dominates early (0.05 * 1600 = 80 images), the half-life later.
+    assert ema.beta(0) == 0.0
+    assert ema.beta(1600) == pytest.approx(0.5 ** (32 / 80))
+    assert ema.beta(10**7) == pytest.approx(0.5 ** (32 / 2000))
+
+
+def test_ema_half_life_and_default():
+    # Without ramp-up: after half_life images of a constant 1 the EMA has covered exactly half the gap.
+    G, G_ema = Scalar(1.0), Scalar(0.0)
+    ema = EMA(G_ema, batch_size=10, ema_kimg=0.1, ema_rampup=None)  # half-life 100 images = 10 steps
+    for k in range(10):
+        ema.update(G, cur_nimg=10 * k)
+    assert G_ema.p.item() == pytest.approx(0.5, abs=1e-12)
+    # Official default half-life: batch * 10 / 32 kimg (20 kimg at batch 64).
+    assert EMA(Scalar(), batch_size=64).ema_kimg == 20.0
+    assert EMA(Scalar(), batch_size=64).beta(10**9) == pytest.approx(0.5 ** (64 / 20000))
+    # First update copies G exactly; state_dict round-trips.
+    ema2 = EMA(Scalar(5.0), batch_size=64)
+    ema2.update(Scalar(-3.0), cur_nimg=0)
+    assert ema2.module.p.item() == -3.0
+    other = EMA(Scalar(0.0), batch_size=64)
+    other.load_state_dict(ema2.state_dict())
+    assert other.module.p.item() == -3.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adam and the lazy-regularisation rescaling (official numbers)
+
+
+def test_adam_lazy_reg_rescaling_matches_reference():
+    cfg = load_config("digan-128").optim
+    g = adam_kwargs(cfg, 4)
+    d = adam_kwargs(cfg, 16)
+    assert g["lr"] == pytest.approx(0.002)
+    assert g["betas"] == (0.0, pytest.approx(0.99 ** 0.8)) and g["betas"][1] == pytest.approx(0.9920, abs=5e-5)  # reference: ≈ 0.9920
+    assert d["lr"] == pytest.approx(0.0025 * 16 / 17) and d["lr"] == pytest.approx(0.00235, abs=5e-6)
+    assert d["betas"] == (0.0, pytest.approx(0.99 ** (16 / 17))) and d["betas"][1] == pytest.approx(0.9906, abs=5e-5)  # reference: ≈ 0.9906
+    assert g["eps"] == d["eps"] == 1e-8
+    assert adam_kwargs(OptimConfig(lr=0.01), 0) == {"lr": 0.01, "betas": (0.0, 0.99), "eps": 1e-8}
+    opt = build_adam(nn.Linear(2, 2).parameters(), cfg, 16)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0025 * 16 / 17)
+    assert opt.param_groups[0]["betas"][1] == pytest.approx(0.99 ** (16 / 17))
+
+
+def test_nonfinite_gradients_are_zeroed_and_clamped():
+    lin = nn.Linear(3, 1, bias=False)
+    lin.weight.grad = torch.tensor([[float("nan"), float("inf"), -3e7]])
+    sanitize_grads_(lin.parameters(), 1e5)
+    assert lin.weight.grad.tolist() == [[0.0, 1e5, -1e5]]
+    # Through the updater: a NaN gradient leaves the weight unchanged instead of poisoning it.
+    before = lin.weight.detach().clone()
+    up = PlainUpdater(lin, torch.optim.Adam(lin.parameters(), lr=0.1, betas=(0.0, 0.99)), grad_clamp=1e5)
+    up.zero_grad()
+    up.backward(lin(torch.ones(1, 3)).sum() * float("nan"))
+    up.step()
+    assert torch.isfinite(lin.weight).all() and torch.equal(lin.weight.detach(), before)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiffAugment
+
+
+def test_diffaugment_same_params_for_both_frames():
+    aug = DiffAugment("color,translation,cutout", translation_ratio=0.25)
+    frame = torch.rand(16, 1, 3, 12, 12) * 2 - 1
+    out = aug(frame.expand(16, 2, 3, 12, 12).contiguous())
+    assert torch.equal(out[:, 0], out[:, 1])  # identical frames in -> identical frames out
+    assert not torch.allclose(out[0], out[1])  # but different pairs get different parameters
+
+
+def test_diffaugment_is_differentiable_twice():
+    x = torch.rand(2, 2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    aug = fixed_augment("color,translation,cutout", seed=1)
+    assert torch.autograd.gradcheck(aug, (x,))
+    assert torch.autograd.gradgradcheck(aug, (x,))
+
+
+def test_translation_zero_pads_and_moves_content():
+    n, h, w, ratio = 64, 16, 16, 0.125
+    ones = torch.ones(n, 2, 3, h, w)
+    gen = torch.Generator().manual_seed(0)
+    out = rand_translation(ones, ratio, generator=gen)
+    kept_rows = out[:, 0, 0].amax(dim=2).sum(dim=1)  # rows that still hold content
+    kept_cols = out[:, 0, 0].amax(dim=1).sum(dim=1)
+    assert set(out.unique().tolist()) <= {0.0, 1.0}  # zero padding, no interpolation
+    assert ((h - kept_rows) <= 2).all() and ((w - kept_cols) <= 2).all()  # |shift| <= round(0.125 * 16) = 2
+    assert (kept_rows < h).any() and (kept_cols < w).any()  # some pairs were shifted
+    # Each sample is an exact rectangle of ones: (kept_rows x kept_cols).
+    assert torch.equal(out[:, 0, 0].sum(dim=(1, 2)), kept_rows * kept_cols)
+    # A single bright pixel moves by the same integer offset in both frames and keeps its value.
+    img = torch.zeros(n, 2, 3, h, w)
+    img[:, :, :, 8, 8] = 1.0
+    moved = rand_translation(img, ratio, generator=torch.Generator().manual_seed(1))
+    pos = moved[:, :, 0].flatten(2).argmax(dim=2)
+    assert torch.equal(pos[:, 0], pos[:, 1]) and torch.equal(moved.sum(dim=(2, 3, 4)), torch.full((n, 2), 3.0))
+
+
+def test_delta_t_plane_is_not_augmented():
+    seen = {}
+
+    class Recorder(TinyD):
+        def forward(self, x):
+            seen["x"] = x
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    D_mot, D_img = Recorder(7), TinyD(3)
+    loss = DIGANLoss(diffaug_policy="color,translation", translation_ratio=0.25)
+    dt = torch.tensor([0.0, 1 / 15, 0.5, 1.0])
+    pair = torch.rand(4, 2, 3, 8, 8) * 2 - 1
+    loss.run_D(D_img, D_mot, motion_input(pair, dt))
+    assert torch.equal(seen["x"][:, 6], dt.view(4, 1, 1).expand(4, 8, 8))
+    assert not torch.allclose(seen["x"][:, :6], pair.flatten(1, 2))  # while the frames are augmented
+
+
+def test_xflip_flips_both_frames():
+    pair = torch.rand(64, 2, 3, 4, 5)
+    out = random_xflip(pair, generator=torch.Generator().manual_seed(0))
+    flipped = (out != pair).flatten(2).any(2)  # [N, 2]
+    assert torch.equal(flipped[:, 0], flipped[:, 1]) and 10 < flipped[:, 0].sum() < 54
+    assert torch.equal(out[flipped[:, 0]], pair[flipped[:, 0]].flip(-1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Time sampling
+
+
+def test_time_pair_statistics():
+    t = sample_time_pairs(200_000, generator=torch.Generator().manual_seed(0))
+    dt = t[:, 1] - t[:, 0]
+    assert t.shape == (200_000, 2) and (t >= 0).all() and (t <= 1).all() and (dt >= 0).all()
+    assert abs(dt.mean().item() - 0.40) < 0.005  # E|u1 - u2| = 0.4 exactly for Beta(2,1) vs Beta(1,2)
+    assert abs(dt.median().item() - 0.38) < 0.01
+    assert abs(t[:, 1].mean().item() - 0.70) < 0.01 and abs(t[:, 0].mean().item() - 0.30) < 0.01  # E max = 0.7
+    same = sample_time_pairs(5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(same, sample_time_pairs(5, generator=torch.Generator().manual_seed(1)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step protocol (what DeepSpeed engines need)
+
+
+class CountingUpdater(PlainUpdater):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backwards = self.steps = 0
+
+    def backward(self, loss):
+        self.backwards += 1
+        super().backward(loss)
+
+    def step(self):
+        self.steps += 1
+        super().step()
+
+
+def test_train_step_protocol():
+    G, D_img, D_mot = tiny_nets()
+    D = DiscriminatorPair(D_img, D_mot)
+    g_up = CountingUpdater(G, torch.optim.Adam(G.parameters(), lr=1e-3))
+    d_up = CountingUpdater(D, torch.optim.Adam(D.parameters(), lr=1e-3))
+    ema = EMA(TinyG(8), batch_size=4, ema_kimg=0.01)
+    loss = DIGANLoss(r1_gamma=1.0, r1_interval=2)
+    real = torch.rand(4, 2, 3, 8, 8) * 2 - 1
+
+    # D step: G receives no gradient.
+    d_step(G, D_img, D_mot, d_up, loss, real, torch.rand(4), do_r1=True)
+    assert all(p.grad is None for p in G.parameters()) and all(p.grad is not None for p in D.parameters())
+    # G step: D is frozen during it (no gradient left in D) and unfrozen afterwards.
+    d_up.zero_grad()
+    D_img.conv0.bias.requires_grad_(False)  # a deliberately frozen parameter stays frozen
+    g_step(G, D_img, D_mot, g_up, loss, 4)
+    assert all(p.grad is None for p in D.parameters())
+    assert all(p.grad is not None for p in G.parameters())
+    assert not D_img.conv0.bias.requires_grad and D_img.conv0.weight.requires_grad
+    D_img.conv0.bias.requires_grad_(True)
+    with frozen(D_img):
+        assert not any(p.requires_grad for p in D_img.parameters())
+
+    g_up.backwards = g_up.steps = d_up.backwards = d_up.steps = 0
+    history = []
+    for step in range(4):
+        w_before = D_mot.fc.weight.detach().clone()
+        stats = train_step(G, D_img, D_mot, g_up, d_up, loss, ema, real, torch.rand(4), step, cur_nimg=4 * step)
+        history.append(stats_to_floats(stats))
+        assert not torch.equal(w_before, D_mot.fc.weight)
+    assert (g_up.backwards, g_up.steps, d_up.backwards, d_up.steps) == (4, 4, 4, 4)  # one of each per step
+    assert ["r1" in h for h in history] == [True, False, True, False]
+    assert [h["kimg"] for h in history] == pytest.approx([0.004, 0.008, 0.012, 0.016])
+    assert history[0]["ema_beta"] == 0.0
+    for key in ("loss_G", "loss_D", "D_M_real", "D_M_fake", "D_I_real", "D_I_fake"):
+        assert all(math.isfinite(h[key]) for h in history)
