@@ -1,0 +1,300 @@
+"""Metrics of a generator against real clips: `compute_metrics` (training and `digan.evaluate`).
+
+Protocol (DIGAN `src/scripts/compute_fvd_kvd.py`, §6 of the reference):
+* fake videos: z_I, z_M ~ N(0, I) from a seeded generator (video i always gets the same codes, whatever
+  the batch size or number of ranks), frames rendered at t_k = k / (clip_frames - 1), so a 16-frame
+  video is t = linspace(0, 1, 16), the span of a training clip, and a 128-frame video continues at the
+  same frame rate (extrapolation in time, as for long-video FVD); clamp to [-1, 1], quantised to uint8
+  as DIGAN does: `((x + 1) / 2 * 255).type(uint8)` (truncation);
+* real videos: uint8 clips from the data pipeline, the first `T` frames of each;
+* features: `detectors.py` (protocol `tfhub` or `digan`); FVD = Fréchet distance of the logits,
+  KVD = unbiased polynomial MMD^2 over the whole sets (DIGAN), FID = Fréchet distance of the
+  Inception pool features of the frames.
+
+Real features are cached in memory and (with `cache_dir`) on disk, keyed by dataset, detector + weights
++ protocol, N and T, so a training run extracts them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from .detectors import FrameDetector, VideoDetector, as_uint8_tensor, build_frame_detector, build_video_detector, \
+    clips_to_frames
+from .distances import FeatureStats, frechet_distance, kernel_distance
+
+_METRIC_RE = re.compile(r"^(fvd|kvd)(\d+)$|^(fid)$")
+_REAL_CACHE: dict[str, np.ndarray] = {}  # in-process cache of real features, by cache key
+
+
+def parse_metric(name: str) -> tuple[str, int]:
+    """'fvd16' -> ('fvd', 16); 'kvd128' -> ('kvd', 128); 'fid' -> ('fid', 16). ValueError otherwise."""
+    m = _METRIC_RE.match(name)
+    if not m:
+        raise ValueError(f"unknown metric {name!r}: expected fvd<T>, kvd<T> (e.g. fvd16, fvd128, kvd16) or fid")
+    if m.group(3):
+        return "fid", 16
+    frames = int(m.group(2))
+    if frames < 9:
+        raise ValueError(f"metric {name!r}: the I3D needs at least 9 frames")
+    return m.group(1), frames
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fake videos.
+
+
+def quantize_frames(x: torch.Tensor) -> torch.Tensor:
+    """Generator output [B, T, 3, H, W] in ~[-1, 1] -> uint8 [B, T, H, W, 3] (DIGAN: clamp, truncate)."""
+    x = (x.clamp(-1, 1) + 1.0) / 2.0 * 255.0
+    return x.to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
+
+
+def video_codes(G: torch.nn.Module, num_videos: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z_I [N, z_dim] and z_M [N, motion_z_dim] for videos 0..N-1, from a private CPU generator."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn(num_videos, G.z_dim, generator=gen)
+    z_motion = torch.randn(num_videos, G.motion_z_dim, generator=gen)
+    return z, z_motion
+
+
+@torch.no_grad()
+def render_videos(G: torch.nn.Module, z: torch.Tensor, z_motion: torch.Tensor, num_frames: int,
+                  clip_frames: int = 16, chunk_frames: int = 16) -> torch.Tensor:
+    """uint8 [B, num_frames, H, W, 3] rendered at t_k = k / (clip_frames - 1); long videos are rendered
+    `chunk_frames` at a time from one prepared `VideoCode` (bounded memory)."""
+    device = next(G.parameters()).device
+    z, z_motion = z.to(device), z_motion.to(device)
+    b = z.shape[0]
+    t = torch.linspace(0.0, (num_frames - 1) / (clip_frames - 1), num_frames, device=device)
+    t = t.unsqueeze(0).expand(b, num_frames)
+    if hasattr(G, "prepare") and hasattr(G, "render"):
+        code = G.prepare(z, z_motion)
+        chunks = [quantize_frames(G.render(code, t[:, i:i + chunk_frames]))
+                  for i in range(0, num_frames, chunk_frames)]
+        return torch.cat(chunks, dim=1)
+    return quantize_frames(G(z, z_motion, t))
+
+
+def iterate_fake_videos(G: torch.nn.Module, num_videos: int, num_frames: int, seed: int, batch_size: int,
+                        clip_frames: int = 16, rank: int = 0, world_size: int = 1) -> Iterable[torch.Tensor]:
+    """Yield uint8 fake clips for this rank's share of videos 0..num_videos-1 (rank r gets r, r+W, ...)."""
+    z, z_motion = video_codes(G, num_videos, seed)
+    idx = torch.arange(rank, num_videos, world_size)
+    for i in range(0, len(idx), batch_size):
+        j = idx[i:i + batch_size]
+        yield render_videos(G, z[j], z_motion[j], num_frames, clip_frames).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feature extraction over a stream of clips (one pass, every feature set at once).
+
+
+def _extract(clip_iter: Iterable, num_videos: int, video_det: VideoDetector | None, video_frames: list[int],
+             frame_det: FrameDetector | None, fid_frames: int, fid_frames_per_clip: int | None,
+             desc: str, progress: bool) -> dict[str, np.ndarray]:
+    """Consume up to `num_videos` clips; return {"video<T>": [N, D], "frames": [N * k, D]}."""
+    feats: dict[str, list[np.ndarray]] = {f"video{t}": [] for t in video_frames}
+    if frame_det is not None:
+        feats["frames"] = []
+    need = max(video_frames + ([fid_frames] if frame_det is not None else []))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_videos, desc=desc, unit="clip", dynamic_ncols=True)
+    seen = 0
+    for clips in clip_iter:
+        if seen >= num_videos:
+            break
+        clips = as_uint8_tensor(clips)[: num_videos - seen]
+        if clips.ndim != 5 or clips.shape[-1] != 3:
+            raise ValueError(f"{desc}: clips must be uint8 [B, T, H, W, 3], got shape {tuple(clips.shape)}")
+        if clips.shape[1] < need:
+            raise ValueError(f"{desc}: clips have {clips.shape[1]} frames but the metrics need {need} "
+                             f"(give longer real clips, e.g. data.num_frames={need})")
+        for t in video_frames:
+            feats[f"video{t}"].append(video_det(clips[:, :t]))
+        if frame_det is not None:
+            feats["frames"].append(frame_det(clips_to_frames(clips[:, :fid_frames], fid_frames_per_clip)))
+        seen += clips.shape[0]
+        if bar is not None:
+            bar.update(clips.shape[0])
+    if bar is not None:
+        bar.close()
+    if seen < num_videos:
+        raise ValueError(f"{desc}: only {seen} clips available, {num_videos} requested (lower --num-videos)")
+    return {k: np.concatenate(v) for k, v in feats.items()}
+
+
+def _gather_rows(x: np.ndarray, world_size: int) -> np.ndarray:
+    """Concatenate a feature array over ranks (torch.distributed, when the caller spreads the work)."""
+    if world_size <= 1:
+        return x
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world_size
+    dist.all_gather_object(parts, x)
+    return np.concatenate(parts)
+
+
+def _cache_key(dataset_key: str, name: str, num_videos: int, extra: str) -> str:
+    text = json.dumps([dataset_key, name, num_videos, extra])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _load_cached(key: str, cache_dir: str | None) -> np.ndarray | None:
+    if key in _REAL_CACHE:
+        return _REAL_CACHE[key]
+    if cache_dir:
+        path = Path(cache_dir).expanduser() / f"real-{key}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as f:
+                _REAL_CACHE[key] = f["features"].astype(np.float64)
+            return _REAL_CACHE[key]
+    return None
+
+
+def _store_cached(key: str, feats: np.ndarray, cache_dir: str | None, meta: dict) -> None:
+    _REAL_CACHE[key] = feats
+    if not cache_dir:
+        return
+    folder = Path(cache_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    # Atomic: several ranks or runs may share the cache folder.
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, features=feats.astype(np.float32), meta=np.array(json.dumps(meta)))
+    os.replace(tmp, folder / f"real-{key}.npz")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The API.
+
+
+RealClips = Iterable | Callable[[int], Iterable]
+
+
+def compute_metrics(
+    G: torch.nn.Module,
+    real_clips: RealClips,
+    names: list[str],
+    num_videos: int,
+    protocol: str = "tfhub",
+    detector: str = "i3d",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    *,
+    dataset_key: str | None = None,
+    cache_dir: str | None = None,
+    i3d_weights: str | None = None,
+    inception_weights: str | None = None,
+    batch_size: int = 8,
+    clip_frames: int = 16,
+    fid_frames_per_clip: int | None = None,
+    kvd_subsets: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Compute `names` (e.g. ["fvd16", "kvd16", "fvd128", "fid"]) for generator `G` against real clips.
+
+    G: the generator (`G.prepare`/`G.render` or `G(z, z_motion, t)`), on its device; run under no_grad
+       in eval mode (its training flag is restored afterwards).
+    real_clips: an iterable of uint8 clips [B, T, H, W, 3] (torch or numpy) with T >= the longest metric
+       (the first T frames are used), or a callable `real_clips(T) -> iterable` called only for the
+       lengths whose features are not cached. Consumed up to `num_videos` clips (this rank's share).
+    num_videos: N fake and N real videos per metric (report N with the number: FD depends on it).
+    protocol: "tfhub" | "digan" (preprocessing, see detectors.py); detector: "i3d" | "proxy".
+    seed: fake video i uses codes drawn from `seed` (same videos for any batch size / world size).
+    dataset_key: identifies the real data (e.g. "s3://bucket/ucf101@128"); with it, real features are
+       cached in memory and, with `cache_dir`, on disk. None: no caching.
+    rank / world_size: spread the work over ranks (torch.distributed must be initialised when
+       world_size > 1); each rank renders its share of fake videos and reads N / world_size real clips
+       from its own `real_clips`; features are all-gathered, and every rank returns the same dict.
+    clip_frames: frames of a training clip (cfg.data.num_frames): sets the frame rate t_k = k/(clip_frames-1).
+    kvd_subsets: 0 = KVD over the whole sets (DIGAN); > 0 = mean over that many random subsets of 1000.
+
+    Returns {name: value} with the real detector, {"proxy_" + name: value} with the proxy detector, so a
+    proxy number is never reported as FVD. KVD values are the raw MMD^2 (not x1000).
+    """
+    parsed = [(n, *parse_metric(n)) for n in names]
+    if not parsed:
+        return {}
+    if num_videos < 2:
+        raise ValueError(f"num_videos={num_videos}: need at least 2 videos per set")
+    video_frames = sorted({t for _, kind, t in parsed if kind in ("fvd", "kvd")})
+    want_fid = any(kind == "fid" for _, kind, _ in parsed)
+    fid_frames = 16
+    video_det = build_video_detector(detector, protocol, device, i3d_weights, batch_size) if video_frames else None
+    frame_det = build_frame_detector(detector, device, inception_weights, batch_size * 8) if want_fid else None
+    per_rank = -(-num_videos // world_size)
+    rank_videos = len(range(rank, num_videos, world_size))
+
+    # Real features: from the cache, else one pass over the real clips (per missing length if callable).
+    real: dict[str, np.ndarray] = {}
+    keys: dict[str, str] = {}
+    for t in video_frames:
+        keys[f"video{t}"] = _cache_key(dataset_key or "", video_det.name, num_videos, f"T={t}")
+    if want_fid:
+        keys["frames"] = _cache_key(dataset_key or "", frame_det.name, num_videos,
+                                    f"T={fid_frames},k={fid_frames_per_clip}")
+    if dataset_key is not None:
+        for k, key in keys.items():
+            cached = _load_cached(key, cache_dir)
+            if cached is not None:
+                real[k] = cached
+    missing_t = [t for t in video_frames if f"video{t}" not in real]
+    missing_fid = want_fid and "frames" not in real
+    if missing_t or missing_fid:
+        if callable(real_clips):
+            groups = sorted(set(missing_t) | ({fid_frames} if missing_fid else set()))
+            passes = [(real_clips(t), [t] if t in missing_t else [], missing_fid and t == fid_frames)
+                      for t in groups]
+        else:
+            passes = [(real_clips, missing_t, missing_fid)]
+        for it, ts, fid in passes:
+            got = _extract(it, per_rank if world_size > 1 else num_videos, video_det, ts,
+                           frame_det if fid else None, fid_frames, fid_frames_per_clip, "real", progress)
+            for k, v in got.items():
+                rows_per_clip = v.shape[0] // (per_rank if world_size > 1 else num_videos)
+                # Ranks read ceil(N / W) clips each: keep exactly N clips' rows.
+                real[k] = _gather_rows(v, world_size)[: num_videos * rows_per_clip]
+                if dataset_key is not None and rank == 0:
+                    det_name = frame_det.name if k == "frames" else video_det.name
+                    _store_cached(keys[k], real[k], cache_dir, {"dataset": dataset_key, "features": k,
+                                                                "detector": det_name, "num_videos": num_videos})
+
+    # Fake features: one pass over this rank's videos, rendered at the longest needed length.
+    was_training = G.training
+    G.eval()
+    try:
+        longest = max(video_frames + ([fid_frames] if want_fid else []))
+        fake_iter = iterate_fake_videos(G, num_videos, longest, seed, batch_size, clip_frames, rank, world_size)
+        fake = _extract(fake_iter, rank_videos, video_det, video_frames, frame_det, fid_frames,
+                        fid_frames_per_clip, "fake", progress)
+    finally:
+        G.train(was_training)
+    fake = {k: _gather_rows(v, world_size) for k, v in fake.items()}
+
+    prefix = (video_det or frame_det).key_prefix
+    out: dict[str, float] = {}
+    for name, kind, t in parsed:
+        if kind == "fid":
+            a, b = FeatureStats.from_features(real["frames"]), FeatureStats.from_features(fake["frames"])
+            out[prefix + name] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+        elif kind == "fvd":
+            a, b = FeatureStats.from_features(real[f"video{t}"]), FeatureStats.from_features(fake[f"video{t}"])
+            out[prefix + name] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+        else:
+            out[prefix + name] = kernel_distance(fake[f"video{t}"], real[f"video{t}"], kvd_subsets)[0]
+    return out
