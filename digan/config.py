@@ -100,6 +100,8 @@ class DataConfig:
     s3_endpoint_url: str | None = None  # S3 endpoint (else AWS_ENDPOINT_URL / the AWS config chain)
     s3_region: str | None = None  # S3 region (else AWS_DEFAULT_REGION / the AWS config chain)
     s3_max_retries: int = 5  # retries with exponential backoff on transient S3 errors
+    epoch_clips: int = 0  # resampled mode: clips per epoch over all ranks; 0 = the manifest's clip count
+    worker_start_method: str = "auto"  # DataLoader worker start: auto (forkserver for s3://, else fork), fork, spawn
 
 
 @dataclass
@@ -210,6 +212,9 @@ def validate(cfg: Config) -> None:
     need(d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0")
     need(d.shuffle_buffer >= 0, f"data.shuffle_buffer={d.shuffle_buffer}: must be >= 0")
     need(d.s3_max_retries >= 0, f"data.s3_max_retries={d.s3_max_retries}: must be >= 0")
+    need(d.epoch_clips >= 0, f"data.epoch_clips={d.epoch_clips}: must be >= 0 (0 = the manifest's clip count)")
+    need(d.worker_start_method in ("auto", "fork", "forkserver", "spawn"),
+         f"data.worker_start_method={d.worker_start_method!r}: choose auto, fork, forkserver or spawn")
 
     need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
     need(t.total_kimg > 0, f"train.total_kimg={t.total_kimg}: must be > 0")

@@ -1,0 +1,454 @@
+"""Streaming loaders over clip shards (folder or s3://): DIGAN training pairs and whole evaluation clips.
+
+Pipeline of one reader (a DataLoader worker of one rank), built with webdataset's tar iterators:
+
+    shard URLs -> [resampled: draw with replacement | once: epoch permutation, rank slice, worker slice]
+      -> tar records -> shuffle buffer -> decode (2 frames, or a whole clip) -> batches
+
+Everything random is seeded by (seed, rank, worker, epoch, purpose), so a stream is reproducible and
+two ranks or two epochs never share one. Batches are assembled in the workers; each one carries the
+counts of records read and skipped since the previous batch, which the main process adds up, so
+`loader.stats()` covers every worker process exactly (no shared memory needed).
+
+Training pairs follow the official sampler: u1 ~ Beta(2,1), u2 ~ Beta(1,2), indices floor(N*u) sorted,
+dt = (late - early) / (N - 1), values scaled to [-1, 1]; only the two frames are decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_shards.records import MANIFEST, SHARD_RE, record_frame_keys
+from digan.config import DataConfig
+from digan.data.s3 import S3Settings, configure_s3, is_s3, register_gopen, s3_filesystem, strip_scheme
+
+register_gopen()
+
+COUNT_KEYS = ("records", "samples", "skipped_incomplete", "skipped_decode", "skipped_short", "shard_errors")
+
+
+def s3_settings(cfg: DataConfig) -> S3Settings:
+    return S3Settings(endpoint_url=cfg.s3_endpoint_url, region=cfg.s3_region, max_retries=cfg.s3_max_retries)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Locating shards.
+
+
+def list_shards(location: str, s3: S3Settings | None = None) -> list[str]:
+    """Sorted shard URLs (`shard-NNNNNN.tar`) under a folder or an s3:// prefix."""
+    location = location.rstrip("/")
+    if is_s3(location):
+        fs = s3_filesystem(s3)
+        try:
+            names = fs.ls(strip_scheme(location), detail=False, refresh=True)
+        except FileNotFoundError:
+            names = []
+        urls = sorted(f"s3://{n}" for n in names if SHARD_RE.search(n))
+    else:
+        root = Path(location).expanduser()
+        urls = sorted(str(p) for p in root.glob("shard-*.tar") if SHARD_RE.search(p.name)) if root.is_dir() else []
+    if not urls:
+        raise FileNotFoundError(f"data.source={location!r}: no shard-NNNNNN.tar files there "
+                                "(build them with `python -m data_shards build ...`)")
+    return urls
+
+
+def read_manifest(location: str, s3: S3Settings | None = None) -> dict | None:
+    location = location.rstrip("/")
+    if is_s3(location):
+        try:
+            return json.loads(s3_filesystem(s3).cat_file(f"{strip_scheme(location)}/{MANIFEST}"))
+        except FileNotFoundError:
+            return None
+    p = Path(location).expanduser() / MANIFEST
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def resolve_source(cfg: DataConfig, resolution: int) -> str:
+    """`data.source` as a shard location; `demo` builds the embedded dataset first if needed."""
+    if cfg.source == "demo":
+        from digan.data.demo import ensure_demo_shards
+
+        return ensure_demo_shards(cfg, resolution)
+    return cfg.source
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding.
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def decode_frame(data: bytes, resolution: int) -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 [R,R,3]. Larger frames are centre-cropped and resized (antialiased)."""
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG" and min(img.size) >= 2 * resolution:
+        img.draft("RGB", (resolution, resolution))  # DCT-domain downscale: decodes 2-8x fewer pixels
+    img = img.convert("RGB")
+    w, h = img.size
+    if (w, h) != (resolution, resolution):
+        s = min(w, h)
+        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+        img = img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    return np.asarray(img)
+
+
+def decode_mp4(data: bytes, upto: int, resolution: int) -> list[np.ndarray]:
+    """The first `upto`+1 frames of an mp4 clip (decoding must run from the GOP start)."""
+    import av
+
+    out = []
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.video[0]
+        stream.codec_context.thread_count = 1  # threads only add latency on 16-frame clips
+        for frame in c.decode(stream):
+            img = frame.to_ndarray(format="rgb24")
+            if img.shape[:2] != (resolution, resolution):
+                img = decode_frame_from_array(img, resolution)
+            out.append(img)
+            if len(out) > upto:
+                break
+    if len(out) <= upto:
+        raise ValueError(f"mp4 clip has {len(out)} frames, needed {upto + 1}")
+    return out
+
+
+def decode_frame_from_array(img: np.ndarray, resolution: int) -> np.ndarray:
+    pil = Image.fromarray(img)
+    w, h = pil.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    return np.asarray(pil.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0))
+
+
+_DECODE_ERRORS: tuple = (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexError, TypeError)
+
+
+class _Reader:
+    """The record stream of one (rank, worker, epoch); counts what it reads and skips."""
+
+    def __init__(self, ds: "ClipStream", worker: int, num_workers: int, epoch: int):
+        self.ds, self.worker, self.num_workers, self.epoch = ds, worker, num_workers, epoch
+        self.counts = dict.fromkeys(COUNT_KEYS, 0)
+        self.rng = np.random.default_rng(_seed(ds.seed, ds.rank, worker, epoch, 2))
+        self.errors_in_a_row = 0  # shard errors since the last good record
+
+    # -- shards -> records ------------------------------------------------------------------------
+
+    def shard_urls(self):
+        ds = self.ds
+        if ds.resampled:
+            # With replacement, independently per reader: no reader runs dry, every rank runs the same steps.
+            rng = random.Random(_seed(ds.seed, ds.rank, self.worker, self.epoch, 0))
+            while True:
+                yield {"url": rng.choice(ds.shards)}
+        order = list(ds.shards)
+        random.Random(_seed(ds.seed, self.epoch, 1)).shuffle(order)  # same permutation on every rank
+        # split_by_node then split_by_worker, driven by the explicit rank/world size (not env vars)
+        mine = order[ds.rank::ds.world_size][self.worker::self.num_workers]
+        for url in mine:
+            yield {"url": url}
+
+    def on_shard_error(self, exn: BaseException) -> bool:
+        self.counts["shard_errors"] += 1
+        self.errors_in_a_row += 1
+        if self.errors_in_a_row > max(20, 2 * len(self.ds.shards)):
+            # every shard failing means a wrong location or an outage, not bad records: stop loudly
+            raise RuntimeError(f"digan.data: {self.errors_in_a_row} shard errors in a row without a readable "
+                               f"record; last: {type(exn).__name__}: {str(exn)[:300]}") from exn
+        if self.counts["shard_errors"] <= 10:
+            print(f"digan.data: skipping the rest of a shard: {type(exn).__name__}: {str(exn)[:300]}",
+                  file=sys.stderr)
+        return True  # continue with the next record / shard
+
+    def records(self):
+        from webdataset.tariterators import tarfile_samples
+
+        for rec in tarfile_samples(self.shard_urls(), handler=self.on_shard_error):
+            self.counts["records"] += 1
+            self.errors_in_a_row = 0
+            yield rec
+
+    def shuffled(self, items):
+        n = self.ds.shuffle_buffer
+        if n <= 1:
+            yield from items
+            return
+        rng = random.Random(_seed(self.ds.seed, self.ds.rank, self.worker, self.epoch, 3))
+        buf = []
+        for x in items:
+            if len(buf) < n:
+                buf.append(x)
+                continue
+            i = rng.randrange(n)
+            buf[i], x = x, buf[i]
+            yield x
+        rng.shuffle(buf)
+        yield from buf
+
+    # -- records -> samples ------------------------------------------------------------------------
+
+    def _clip_header(self, rec: dict) -> tuple[dict, list[str]] | None:
+        """Metadata and frame members of a complete record, or None (counted) for a bad one."""
+        try:
+            meta = json.loads(rec["json"])
+            length = int(meta["num_frames"])
+        except _DECODE_ERRORS:
+            self.counts["skipped_incomplete"] += 1
+            return None
+        frames = record_frame_keys(rec)
+        complete = ("mp4" in rec) if meta.get("encoding") == "mp4" else len(frames) == length
+        if not complete:
+            self.counts["skipped_incomplete"] += 1
+            return None
+        if length < self.ds.num_frames:
+            self.counts["skipped_short"] += 1
+            return None
+        return meta, frames
+
+    def pair(self, rec: dict):
+        """-> (uint8 [2,R,R,3], dt) or None. Only the two needed frames are decoded."""
+        header = self._clip_header(rec)
+        if header is None:
+            return None
+        meta, frames = header
+        n, r = self.ds.num_frames, self.ds.resolution
+        offset = int(self.rng.integers(0, int(meta["num_frames"]) - n + 1))  # a random N-window of a longer clip
+        u = np.array([self.rng.beta(2.0, 1.0), self.rng.beta(1.0, 2.0)])
+        i0, i1 = sorted(np.minimum((n * u).astype(np.int64), n - 1).tolist())
+        try:
+            if meta.get("encoding") == "mp4":
+                clip = decode_mp4(rec["mp4"], offset + i1, r)
+                pair = np.stack([clip[offset + i0], clip[offset + i1]])
+            else:
+                pair = np.stack([decode_frame(rec[frames[offset + i0]], r), decode_frame(rec[frames[offset + i1]], r)])
+        except _DECODE_ERRORS:
+            self.counts["skipped_decode"] += 1
+            return None
+        return pair, (i1 - i0) / (n - 1)
+
+    def clip(self, rec: dict):
+        """-> uint8 [T,R,R,3] (the first T = num_frames frames) or None."""
+        header = self._clip_header(rec)
+        if header is None:
+            return None
+        meta, frames = header
+        n, r = self.ds.num_frames, self.ds.resolution
+        try:
+            if meta.get("encoding") == "mp4":
+                return np.stack(decode_mp4(rec["mp4"], n - 1, r)[:n])
+            return np.stack([decode_frame(rec[k], r) for k in frames[:n]])
+        except _DECODE_ERRORS:
+            self.counts["skipped_decode"] += 1
+            return None
+
+    # -- samples -> batches ------------------------------------------------------------------------
+
+    def take_counts(self) -> torch.Tensor:
+        t = torch.tensor([self.counts[k] for k in COUNT_KEYS], dtype=torch.int64)
+        self.counts = dict.fromkeys(COUNT_KEYS, 0)
+        return t
+
+    def batches(self):
+        ds = self.ds
+        decode = self.pair if ds.mode == "pair" else self.clip
+        items = []
+        for rec in self.shuffled(self.records()):
+            sample = decode(rec)
+            if sample is None:
+                continue
+            self.counts["samples"] += 1
+            items.append(sample)
+            if len(items) == ds.batch_size:
+                yield {"data": self.collate(items), "counts": self.take_counts()}
+                items = []
+        if items and ds.partial:
+            yield {"data": self.collate(items), "counts": self.take_counts()}
+        yield {"counts": self.take_counts()}  # what was skipped after the last batch
+
+    def collate(self, items):
+        if self.ds.mode == "pair":
+            pairs = torch.from_numpy(np.stack([p for p, _ in items]))  # [B,2,H,W,3] uint8
+            pairs = pairs.permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1.0).contiguous()
+            dt = torch.tensor([d for _, d in items], dtype=torch.float32)
+            return pairs, dt
+        return torch.from_numpy(np.stack(items))  # [B,T,H,W,3] uint8
+
+
+class ClipStream(torch.utils.data.IterableDataset):
+    """The dataset each DataLoader worker iterates: picklable plain fields, pipeline built in `__iter__`."""
+
+    def __init__(self, shards: list[str], mode: str, resolution: int, num_frames: int, batch_size: int,
+                 rank: int, world_size: int, seed: int, resampled: bool, batches_per_worker: int | None,
+                 shuffle_buffer: int, partial: bool, s3: S3Settings, start_epoch: int = 0):
+        super().__init__()
+        self.shards, self.mode, self.resolution, self.num_frames = shards, mode, resolution, num_frames
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.resampled, self.batches_per_worker = resampled, batches_per_worker
+        self.shuffle_buffer, self.partial, self.s3 = shuffle_buffer, partial, s3
+        self.start_epoch = start_epoch
+        self._num_iters = 0  # counted inside each worker: persistent workers re-enter __iter__ once per epoch
+        self._endless = None  # resampled mode: (reader, batches) kept across epochs inside the worker
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_endless"}  # generators do not pickle
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.start_epoch + self._num_iters
+        self._num_iters += 1
+        configure_s3(self.s3)
+        if not self.resampled:
+            yield from _Reader(self, worker, num_workers, epoch).batches()
+            return
+        # Resampled: one endless stream per (seed, rank, worker, start epoch), cut into epochs of a fixed
+        # number of batches (webdataset's with_epoch, counted per worker). Keeping it alive across epochs
+        # avoids refilling the shuffle buffer at every epoch boundary.
+        if getattr(self, "_endless", None) is None:
+            reader = _Reader(self, worker, num_workers, epoch)
+            self._endless = (reader, reader.batches())
+        reader, batches = self._endless
+        for _, b in zip(range(self.batches_per_worker), batches):
+            yield b
+        yield {"counts": reader.take_counts()}
+
+
+class StreamLoader:
+    """Batches of one rank. Iterate once per epoch; `stats()`, `state_dict()`, `load_state_dict()`.
+
+    Resume semantics: a restored loader continues with a fresh epoch (epoch + 1 if the saved epoch was
+    partly consumed), so a resumed run never replays the stream it already saw; the rest of the
+    interrupted epoch is not replayed either (in resampled mode epochs are only a bookkeeping unit).
+    """
+
+    def __init__(self, dataset: ClipStream, num_workers: int, start_method: str):
+        self.dataset, self.num_workers, self.start_method = dataset, num_workers, start_method
+        self.epoch, self.step = dataset.start_epoch, 0  # epoch in progress and batches taken from it
+        self._in_epoch = False  # a pass was started and not finished (abandoned passes still use up an epoch)
+        self._counts = dict.fromkeys(COUNT_KEYS, 0)
+        self._loader = None
+
+    def _dataloader(self):
+        if self._loader is None:
+            kw = {}
+            if self.num_workers > 0:
+                kw = dict(multiprocessing_context=self.start_method, persistent_workers=True, prefetch_factor=4)
+            self._loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                                       **kw)
+        return self._loader
+
+    def __iter__(self):
+        loader = self._dataloader()
+        if self._in_epoch:  # the previous pass was abandoned: its workers counted an epoch too
+            self.epoch += 1
+        self._in_epoch, self.step = True, 0
+        for item in loader:  # each pass re-enters ClipStream.__iter__ in every worker
+            for k, v in zip(COUNT_KEYS, item["counts"].tolist()):
+                self._counts[k] += v
+            if "data" in item:
+                self.step += 1
+                yield item["data"]
+        self._in_epoch, self.step = False, 0
+        self.epoch += 1
+
+    def __len__(self) -> int:
+        """Batches per epoch of this rank (resampled mode; a single pass has no fixed length)."""
+        if not self.dataset.resampled:
+            raise TypeError("a non-resampled stream has no fixed length")
+        return self.dataset.batches_per_worker * max(1, self.num_workers)
+
+    def stats(self) -> dict[str, int]:
+        """Cumulative counts over all workers: records read, samples produced, skips by reason."""
+        out = dict(self._counts)
+        out["skipped_total"] = sum(v for k, v in out.items() if k.startswith("skipped_") or k == "shard_errors")
+        return out
+
+    def state_dict(self) -> dict:
+        return {"seed": self.dataset.seed, "epoch": self.epoch, "step": self.step, "counts": dict(self._counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["seed"]) != self.dataset.seed:
+            print(f"digan.data: resuming with seed {self.dataset.seed} (checkpoint had {state['seed']})",
+                  file=sys.stderr)
+        epoch = int(state["epoch"]) + (1 if int(state["step"]) > 0 else 0)
+        self.epoch, self.step, self._in_epoch = epoch, 0, False
+        self.dataset.start_epoch = epoch
+        self.dataset._num_iters = 0
+        self.dataset._endless = None
+        self._counts = {k: int(state.get("counts", {}).get(k, 0)) for k in COUNT_KEYS}
+        self._loader = None  # workers restart with the new start epoch
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public builders.
+
+
+def _start_method(cfg: DataConfig, shards: list[str]) -> str:
+    method = cfg.worker_start_method
+    if method == "auto":
+        # s3fs is not fork-safe once used, and the S3 listing above used it in this process.
+        return "forkserver" if any(is_s3(u) for u in shards) else "fork"
+    return method
+
+
+def _check_resolution(manifest: dict | None, resolution: int, location: str) -> None:
+    have = (manifest or {}).get("options", {}).get("resolution")
+    if have is not None and have < resolution:
+        raise ValueError(f"data.source={location!r} holds {have}px clips but the model needs {resolution}px: "
+                         f"build shards at --resolution {resolution} (frames are never upscaled)")
+
+
+def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, rank: int = 0, world_size: int = 1,
+                      seed: int = 0) -> StreamLoader:
+    """DIGAN training pairs of one rank: iterates `(pair float32 [B,2,3,R,R] in [-1,1], dt float32 [B])`.
+
+    Shards built at a larger resolution are centre-cropped and downscaled on the fly (antialiased);
+    smaller ones are refused. Build shards at the training resolution for speed. With
+    `cfg.resampled` (training) each epoch is `len(loader)` batches on every rank, the epoch size being
+    `cfg.epoch_clips` (0 = the manifest's clip count) split over ranks and workers; otherwise one
+    pass over this rank's shards, the last batch possibly smaller.
+    """
+    location = resolve_source(cfg, resolution)
+    s3 = s3_settings(cfg)
+    shards = list_shards(location, s3)
+    manifest = read_manifest(location, s3)
+    _check_resolution(manifest, resolution, location)
+    readers = world_size * max(1, cfg.num_workers)
+    bpw = None
+    if cfg.resampled:
+        epoch_clips = cfg.epoch_clips or (manifest or {}).get("num_clips")
+        if not epoch_clips:
+            raise ValueError(f"data.source={location!r} has no manifest.json: set data.epoch_clips")
+        bpw = max(1, math.ceil(epoch_clips / (readers * batch_per_worker)))
+    ds = ClipStream(shards, "pair", resolution, cfg.num_frames, batch_per_worker, rank, world_size, seed,
+                    cfg.resampled, bpw, cfg.shuffle_buffer, partial=not cfg.resampled, s3=s3)
+    return StreamLoader(ds, cfg.num_workers, _start_method(cfg, shards))
+
+
+def build_clip_loader(cfg: DataConfig, resolution: int, batch: int, num_frames: int, rank: int = 0,
+                      world_size: int = 1, seed: int = 0) -> StreamLoader:
+    """Whole real clips for evaluation: iterates uint8 [B,T,R,R,3] (T = num_frames, RGB, channels last).
+
+    One shuffled pass over this rank's shards per iteration (a new seeded order each pass); clips
+    longer than num_frames give their first num_frames frames, shorter ones are skipped and counted.
+    """
+    location = resolve_source(cfg, resolution)
+    s3 = s3_settings(cfg)
+    shards = list_shards(location, s3)
+    _check_resolution(read_manifest(location, s3), resolution, location)
+    ds = ClipStream(shards, "clip", resolution, num_frames, batch, rank, world_size, seed, False, None,
+                    cfg.shuffle_buffer, partial=True, s3=s3)
+    return StreamLoader(ds, cfg.num_workers, _start_method(cfg, shards))
