@@ -148,7 +148,8 @@ class SingleProcessTrainer:
 
 
 def fit(cfg: Config, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_steps: int,
-        device: torch.device | str = "cpu", seed: int | None = 0, log_every: int = 0) -> tuple[SingleProcessTrainer, list[dict[str, float]]]:
+        device: torch.device | str = "cpu", seed: int | None = 0,
+        log_every: int = 0) -> tuple[SingleProcessTrainer, list[dict[str, float]]]:
     """Train for `num_steps` on an iterator of (pair [B,2,3,H,W] in [-1,1], dt [B]); returns trainer and history.
 
     The history holds every step's stats as floats (one sync per step, fine for small CPU runs);
