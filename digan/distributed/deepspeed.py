@@ -1,0 +1,120 @@
+"""DeepSpeed engines for G and the discriminators, and the `Updater` the recipe steps through.
+
+Rules this file keeps (measured, see DEVELOPERS.md and ray-deepspeed-stack.md §2):
+  - `deepspeed.initialize` reuses the process group Ray Train created (gloo on CPU, NCCL on GPU); we
+    never call `init_distributed` ourselves.
+  - Client `torch.optim.Adam` optimisers (a DS-config "Adam" JIT-compiles for minutes on CPU), with the
+    recipe's lazy-reg-rescaled lr/betas.
+  - ZeRO stage <= 2 (ZeRO-3 gives wrong numbers with R1's double backward).
+  - Batch keys `train_micro_batch_size_per_gpu` + `gradient_accumulation_steps` (no `train_batch_size`,
+    so any world size validates), and a deep copy of the config per `initialize` (DeepSpeed mutates it).
+  - The engine is used only for `backward` and `step`; every forward goes through `engine.module`.
+
+Gradient sanitising (official: nan_to_num + clamp to +-1e5 before every step). With ZeRO-1/2 the
+reduced gradients live in DeepSpeed's partition buffers, and DeepSpeed checks them for inf/NaN before
+the client optimiser runs and *skips the whole step* if it finds any. So we sanitise earlier, where all
+stages look alike: a tensor hook on every parameter rewrites the gradient as autograd produces it,
+i.e. per rank, before the all-reduce. The mean of clamped finite values is finite and within the
+clamp, so DeepSpeed never skips a step, and for ordinary gradients (|g| < clamp) the result is
+identical to the official post-reduction clamp. The one difference: a NaN on one rank zeroes that
+rank's contribution instead of the whole averaged element. With fp16 the hooks are not installed:
+DeepSpeed's dynamic loss scaler must see the overflow to lower the scale (it skips that step).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from digan.config import DistConfig
+
+
+def build_ds_config(cfg: DistConfig, micro_batch_per_worker: int) -> dict[str, Any]:
+    """The DeepSpeed config of one engine (G and D use the same one) for this worker's micro-batch."""
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_per_worker,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        # The official recipe clamps elementwise (hooks below), it never clips the norm.
+        "gradient_clipping": 0.0,
+        "steps_per_print": 2**31 - 1,  # our own progress line replaces DeepSpeed's
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        # Each engine gets its own dynamic loss scaler (G and D may skip steps independently).
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                      "min_loss_scale": 1}
+    return ds
+
+
+def initialize_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
+                      device: torch.device | None = None):
+    """Wrap `module` + client `optimizer` in a DeepSpeed engine (reusing the existing process group)."""
+    import deepspeed
+
+    if device is not None and device.type == "cuda":
+        # DeepSpeed picks its GPU from LOCAL_RANK; pin it to the device Ray assigned so they agree.
+        torch.cuda.set_device(device)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=copy.deepcopy(ds_config))
+    if device is not None and engine.device != device:
+        raise RuntimeError(f"DeepSpeed chose {engine.device} but Ray assigned {device} to this worker")
+    return engine
+
+
+class DeepSpeedUpdater:
+    """The recipe's `Updater` on a DeepSpeed engine: one `engine.backward` and one `engine.step` per step.
+
+    Gradients are sanitised by hooks installed here (see the module docstring); `step()` then only
+    calls `engine.step()`, which reduces (ZeRO-0/1) or finalises (ZeRO-2) the gradients, runs Adam and
+    zeroes the gradients.
+    """
+
+    def __init__(self, engine, grad_clamp: float = 1e5):
+        self.engine = engine
+        self.grad_clamp = grad_clamp
+        self._hooks = []
+        if not engine.fp16_enabled():
+            for p in engine.module.parameters():
+                if p.requires_grad:
+                    self._hooks.append(p.register_hook(self._sanitize))
+
+    def _sanitize(self, grad: torch.Tensor) -> torch.Tensor:
+        c = self.grad_clamp
+        return torch.nan_to_num(grad, nan=0.0, posinf=c, neginf=-c).clamp_(-c, c)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def zero_grad(self) -> None:
+        # engine.step() already leaves the gradients zeroed; this clears anything a caller left behind.
+        # ZeRO and bf16/fp16 keep gradients in their own buffers, which their optimizer wrapper clears.
+        if self.engine.zero_optimization() or self.engine.bfloat16_enabled() or self.engine.fp16_enabled():
+            self.engine.optimizer.zero_grad()
+        else:
+            self.engine.zero_grad()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def step_applied(self) -> bool:
+        """False when DeepSpeed skipped the last step (fp16 overflow)."""
+        return bool(self.engine.was_step_applied())
+
+    # Checkpointing is collective: EVERY rank must call these, each engine into its own directory
+    # (DeepSpeed's file names would collide otherwise).
+    def save_checkpoint(self, directory: str, tag: str = "state") -> None:
+        self.engine.save_checkpoint(directory, tag=tag, save_latest=False)
+
+    def load_checkpoint(self, directory: str, tag: str = "state") -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {tag!r} in {directory}")

@@ -1,0 +1,128 @@
+"""Rank helpers, cross-rank reductions, seeding and RNG state for the training workers.
+
+Everything here works with or without an initialised `torch.distributed` process group (rank 0 of a
+world of 1 otherwise), so the same code runs in one process and under Ray Train. No Ray or DeepSpeed
+imports: the worker passes in what it got from them.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def world_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    return world_rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only, flushed (worker stdout is forwarded by Ray line by line)."""
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def comm_device() -> torch.device:
+    """The device collectives run on: CUDA for NCCL, CPU for gloo."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def dist_mean(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each value over the ranks, in ONE all-reduce (every rank must pass the same keys).
+
+    Keys are sorted so that the tensor layout agrees across ranks whatever the insertion order.
+    """
+    if world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t /= world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def dist_sum(values: dict[str, float]) -> dict[str, float]:
+    """Sum of each value over the ranks, in one all-reduce (same keys on every rank)."""
+    if world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (a MAX all-reduce), so all ranks branch alike."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_floats(values: dict[str, float], keys: list[str], src: int = 0) -> dict[str, float]:
+    """Rank `src`'s values for `keys` on every rank (others may pass {}); missing keys become NaN on src."""
+    if world_size() == 1:
+        return {k: float(values.get(k, float("nan"))) for k in keys}
+    t = torch.tensor([float(values.get(k, float("nan"))) for k in keys], dtype=torch.float64, device=comm_device())
+    dist.broadcast(t, src=src)
+    return dict(zip(keys, t.tolist()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeding and RNG state. Each rank gets its own stream derived from the global seed, so two ranks never
+# draw the same z; the states go into the checkpoint so a resumed run continues the same streams.
+
+
+def seed_for_rank(seed: int, rank: int) -> int:
+    """A per-rank seed that differs between ranks and between global seeds (fits in 63 bits)."""
+    return (seed * 1_000_003 + rank * 7919 + 12345) % (2**63 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) RNG states as tensors and plain types (weights_only-loadable)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

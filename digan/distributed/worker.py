@@ -1,0 +1,548 @@
+"""The per-worker training loop that Ray Train runs on every rank (`train_loop_per_worker`).
+
+Build order (one function per block below): config -> rank/device -> models (same seed on every rank)
+-> G_ema copy -> DeepSpeed engines (G; D_I + D_M in one engine) -> loss with keyed latents -> data of
+this rank -> resume from Ray's latest checkpoint -> loop -> final checkpoint.
+
+Each iteration runs the framework-free recipe (`digan.training.train_step`): one D step with lazy R1
+folded into D's loss, one G step with D frozen, the EMA update; every forward goes through
+`engine.module`, the engines only do `backward` and `step` (DeepSpeedUpdater). Step boundaries where
+something happens (log, checkpoint, sample, metrics, stop) are functions of the step count and of the
+SIGTERM flag broadcast from rank 0, so every rank takes the same branches and calls
+`ray.train.report` the same number of times (it is a barrier).
+
+Why both discriminators share one engine: the official D phase updates D_I and D_M with one optimizer
+from one summed loss, and a DeepSpeed engine takes exactly one `backward` per `step`. One engine keeps
+that shape (one backward of the summed loss incl. both R1 terms, one step, one set of all-reduce
+buckets), where two engines would need either two forward/backward passes or `retain_graph` tricks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from digan.config import Config, from_dict, to_dict
+from digan.distributed import checkpoint as ckpt
+from digan.distributed.deepspeed import DeepSpeedUpdater, build_ds_config, initialize_engine
+from digan.distributed.utils import (any_rank, barrier, dist_mean, dist_sum, rng_state, seed_everything,
+                                     seed_for_rank, set_rng_state)
+from digan.training import EMA, DIGANLoss, DiscriminatorPair, build_adam, sample_time_pairs, train_step
+
+# ----------------------------------------------------------------------------------------------------
+# Latents keyed by global sample index.
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), stable across processes and Python versions."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (int(p) + 0x9E3779B97F4A7C15 + ((h << 6) & (2**64 - 1)) + (h >> 2)) & (2**64 - 1)
+        h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    return h & (2**63 - 1)
+
+
+class KeyedLatents:
+    """z, z_M and t of fake sample i at step s are a function of (seed, s, phase, i), not of the rank.
+
+    Every rank draws the latents of the WHOLE global batch from one CPU generator seeded by
+    (seed, step, phase) and keeps its own rows, so a run on 1 worker and a run on 2 workers draw the
+    same fake videos for the same global batch (the data-parallel test relies on it; it also makes a
+    resumed run on another number of workers draw the same latents). The cost is a draw of
+    global_batch x (z_dim + motion_z_dim) numbers per phase, negligible next to a GAN step.
+    Phases count the calls within a step (D step's fakes, then G step's fakes: fresh z for each).
+    """
+
+    def __init__(self, seed: int, global_batch: int):
+        self.seed, self.global_batch = seed, global_batch
+        self.step, self.phase = 0, 0
+        self.sample_ids = torch.arange(global_batch)
+
+    def begin_step(self, step: int, sample_ids: torch.Tensor) -> None:
+        self.step, self.phase, self.sample_ids = step, 0, sample_ids.cpu().long()
+
+    def draw(self, z_dim: int, motion_z_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = torch.Generator(device="cpu").manual_seed(_mix(self.seed, self.step, self.phase))
+        self.phase += 1
+        n, ids = self.global_batch, self.sample_ids
+        z = torch.randn(n, z_dim, generator=g)[ids]
+        z_M = torch.randn(n, motion_z_dim, generator=g)[ids]
+        t = sample_time_pairs(n, generator=g)[ids]
+        return z, z_M, t
+
+
+class KeyedLatentLoss(DIGANLoss):
+    """DIGANLoss whose fake samples use `KeyedLatents` instead of the global RNG (augmentation unchanged).
+
+    Overrides only where z, z_M and t come from; the rendering is the recipe's `G(z, z_M, t)`.
+    """
+
+    def __init__(self, latents: KeyedLatents, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.latents = latents
+
+    def generate_pairs(self, G: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z, z_M, t = self.latents.draw(G.z_dim, G.motion_z_dim)
+        if z.shape[0] != batch_size:
+            raise RuntimeError(f"keyed latents: {z.shape[0]} sample ids for a batch of {batch_size}")
+        p = next(G.parameters())
+        pair = G(z.to(p.device, p.dtype), z_M.to(p.device, p.dtype), t.to(p.device, p.dtype))
+        return pair, (t[:, 1] - t[:, 0]).to(p.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The nets, engines, EMA and loss of one rank.
+
+
+class GANRuntime:
+    """Everything one rank needs to take training steps: engines, updaters, EMA, loss, step counters.
+
+    Usable outside the training loop (the data-parallel test builds one and calls `train_step`).
+    """
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device):
+        from digan.models import build_discriminators, build_generator
+
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.batch_per_worker = cfg.train.batch_size // world_size
+
+        # Same seed on every rank: identical initial weights (DeepSpeed also broadcasts rank 0's).
+        seed_everything(cfg.train.seed)
+        G = build_generator(cfg.model).train()
+        D_img, D_mot = build_discriminators(cfg.model)
+        D = DiscriminatorPair(D_img, D_mot).train()
+        # G_ema stays outside the engines, in fp32, on this rank's device (identical on every rank).
+        self.ema = EMA(copy.deepcopy(G).eval().to(device), cfg.train.batch_size, cfg.optim.ema_kimg,
+                       cfg.optim.ema_rampup)
+
+        ds_config = build_ds_config(cfg.dist, self.batch_per_worker)
+        _skip_shm_comm_build(device)
+        g_opt = build_adam(G.parameters(), cfg.optim, cfg.loss.g_reg_interval)
+        d_opt = build_adam(D.parameters(), cfg.optim, cfg.loss.r1_interval)
+        self.g = DeepSpeedUpdater(initialize_engine(G, g_opt, ds_config, device), cfg.optim.grad_clamp)
+        self.d = DeepSpeedUpdater(initialize_engine(D, d_opt, ds_config, device), cfg.optim.grad_clamp)
+
+        self.latents = KeyedLatents(cfg.train.seed, cfg.train.batch_size)
+        self.loss = KeyedLatentLoss(self.latents, r1_gamma=cfg.loss.r1_gamma, r1_interval=cfg.loss.r1_interval,
+                                    diffaug_policy=cfg.loss.diffaug_policy,
+                                    translation_ratio=cfg.loss.translation_ratio, xflip=cfg.loss.xflip)
+        # Augmentation and xflip draw from this rank's own stream.
+        seed_everything(seed_for_rank(cfg.train.seed, rank))
+        self.step = 0  # iterations done
+        self.cur_nimg = 0  # real pairs shown to D, all ranks together
+
+    @property
+    def G(self) -> torch.nn.Module:
+        return self.g.module
+
+    @property
+    def D(self) -> DiscriminatorPair:
+        return self.d.module
+
+    @property
+    def G_ema(self) -> torch.nn.Module:
+        return self.ema.module
+
+    def local_sample_ids(self) -> torch.Tensor:
+        """Global indices of this rank's samples: rank r holds [r * B_local, (r + 1) * B_local)."""
+        b = self.batch_per_worker
+        return torch.arange(self.rank * b, (self.rank + 1) * b)
+
+    def train_step(self, real_pair: torch.Tensor, real_dt: torch.Tensor,
+                   sample_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One iteration on this rank's share of the global batch; returns detached stats tensors."""
+        if real_pair.shape[0] != self.batch_per_worker:
+            raise ValueError(f"batch of {real_pair.shape[0]} on a rank that expects {self.batch_per_worker}")
+        self.latents.begin_step(self.step, self.local_sample_ids() if sample_ids is None else sample_ids)
+        real_pair = real_pair.to(self.device, torch.float32, non_blocking=True)
+        real_dt = real_dt.to(self.device, torch.float32, non_blocking=True)
+        stats = train_step(self.G, self.D.img, self.D.mot, self.g, self.d, self.loss, self.ema, real_pair, real_dt,
+                           self.step, self.cur_nimg)
+        self.step += 1
+        self.cur_nimg += self.cfg.train.batch_size
+        return stats
+
+    # -- checkpoint parts (collective: every rank calls) --------------------------------------------
+
+    def save_engines(self, directory: str) -> None:
+        self.g.save_checkpoint(os.path.join(directory, ckpt.G_DIR), tag=ckpt.DS_TAG)
+        self.d.save_checkpoint(os.path.join(directory, ckpt.D_DIR), tag=ckpt.DS_TAG)
+
+    def load_engines(self, directory: str) -> None:
+        self.g.load_checkpoint(os.path.join(directory, ckpt.G_DIR), tag=ckpt.DS_TAG)
+        self.d.load_checkpoint(os.path.join(directory, ckpt.D_DIR), tag=ckpt.DS_TAG)
+
+
+def _skip_shm_comm_build(device: torch.device) -> None:
+    """On CPU, keep DeepSpeed from JIT-compiling its shared-memory comm op (about 2 min with g++).
+
+    `deepspeed.comm` builds it when it wraps the process group, but only inference all-reduce uses it;
+    training collectives go through torch.distributed (gloo). DeepSpeed caches the compatibility table
+    in `deepspeed.ops.__compatible_ops__` and documents that edits to it persist.
+    """
+    if device.type != "cpu":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run state that goes into every checkpoint.
+
+
+class TrainState:
+    """Counters of the run (rank 0's `train_state.pt`), with the history that proves step accounting.
+
+    `resumed_from` lists the step of every checkpoint the run restarted from (Ray retries after a worker
+    failure, reruns after SIGTERM); `segments` lists [first_step, last_step] of every stretch of steps
+    that ended in a checkpoint, so a reader can check that they tile [0, step) without gaps or overlaps.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.cur_nimg = 0
+        self.resumed_from: list[int] = []
+        self.segments: list[list[int]] = []
+        self.segment_start = 0
+        self.stopped_by_signal = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "cur_nimg": self.cur_nimg, "kimg": self.cur_nimg / 1000,
+                "resumed_from": list(self.resumed_from), "segments": [list(s) for s in self.segments],
+                "stopped_by_signal": self.stopped_by_signal}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
+        self.resumed_from = [int(s) for s in state.get("resumed_from", [])]
+        self.segments = [[int(a), int(b)] for a, b in state.get("segments", [])]
+        self.segment_start = self.step
+        self.stopped_by_signal = bool(state.get("stopped_by_signal", False))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rank-0 outputs: progress line, TensorBoard, stats.jsonl, sample videos.
+
+
+class RunLogger:
+    """Rank 0's run folder outputs. With local storage they go straight into the run folder; with S3
+    they are written to a local staging folder and copied to `{run}/` at every checkpoint and at the end.
+    """
+
+    def __init__(self, cfg: Config, storage, enabled: bool):
+        import pyarrow.fs as pafs
+
+        self.cfg, self.enabled = cfg, enabled
+        self.fs, self.run_fs_path = storage.storage_filesystem, storage.experiment_fs_path
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        if self.is_local:
+            self.dir = Path(self.run_fs_path)
+        else:
+            self.dir = Path(tempfile.gettempdir()) / "digan-run-staging" / cfg.train.run_name
+        self._tb = None
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "config.yaml").write_text(_yaml(cfg))
+
+    @property
+    def tb(self):
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+        return self._tb
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.dir / "stats.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.time(), **metrics}, sort_keys=True) + "\n")
+        for k, v in metrics.items():
+            if k != "step" and math.isfinite(v):
+                self.tb.add_scalar(k, v, global_step=step)
+        self.tb.flush()
+        order = ["loss_G", "loss_D", "r1", "D_M_real", "D_M_fake", "D_I_real", "D_I_fake"]
+        extra = " ".join(f"{k} {metrics[k]:.4g}" for k in order if k in metrics)
+        metric_str = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("fvd", "kvd", "fid",
+                                                                                             "proxy_")))
+        print(f"step {step:7d} kimg {metrics['kimg']:9.3f} it/s {metrics['it_per_s']:6.2f} "
+              f"samples/s {metrics['samples_per_s']:7.1f} data {100 * metrics['data_wait_frac']:4.1f}% "
+              f"skipped {int(metrics['skipped_records'])} {extra} {metric_str}".rstrip(), flush=True)
+
+    @torch.no_grad()
+    def write_samples(self, G_ema: torch.nn.Module, step: int) -> Path | None:
+        """A grid of `train.num_sample_videos` videos (fixed codes from train.seed) as samples/step-N.mp4."""
+        if not self.enabled:
+            return None
+        from data_shards.records import encode_mp4
+        from digan.metrics import render_videos
+        from digan.metrics.compute import video_codes
+
+        n, num_frames = self.cfg.train.num_sample_videos, self.cfg.data.num_frames
+        z, z_M = video_codes(G_ema, n, self.cfg.train.seed)
+        videos = render_videos(G_ema, z, z_M, num_frames, clip_frames=num_frames).cpu()  # [N,T,H,W,3] uint8
+        cols = math.ceil(math.sqrt(n))
+        rows = math.ceil(n / cols)
+        _, t, h, w, c = videos.shape
+        grid = torch.zeros(rows * cols, t, h, w, c, dtype=torch.uint8)
+        grid[:n] = videos
+        grid = grid.view(rows, cols, t, h, w, c).permute(2, 0, 3, 1, 4, 5).reshape(t, rows * h, cols * w, c)
+        path = self.dir / "samples" / f"{ckpt.checkpoint_name(step)}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(encode_mp4(grid.numpy(), fps=8))
+        os.replace(tmp, path)
+        return path
+
+    def sync(self) -> None:
+        """Copy the staging folder to the run folder on S3 (no-op for local storage)."""
+        if not self.enabled or self.is_local:
+            return
+        import pyarrow.fs as pafs
+
+        if self._tb is not None:
+            self._tb.flush()
+        pafs.copy_files(str(self.dir), self.run_fs_path, destination_filesystem=self.fs)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _yaml(cfg: Config) -> str:
+    from digan.config import dump_yaml
+
+    return dump_yaml(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _crossed(prev_nimg: int, cur_nimg: int, interval_kimg: float) -> bool:
+    """True when [prev, cur) crossed a multiple of interval_kimg (in images)."""
+    every = interval_kimg * 1000
+    return math.floor(cur_nimg / every + 1e-9) > math.floor(prev_nimg / every + 1e-9)
+
+
+def _endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Epoch after epoch of a resampled loader (each epoch is the same number of batches on every rank)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the training data stream produced no batch in a whole epoch")
+
+
+class StopPoller:
+    """Rank 0 asks the driver's stop-flag actor at every step; the answer is broadcast to all ranks."""
+
+    def __init__(self, flag_actor, rank: int):
+        self.flag, self.rank = flag_actor, rank
+
+    def should_stop(self) -> bool:
+        local = False
+        if self.flag is not None and self.rank == 0:
+            import ray
+
+            local = bool(ray.get(self.flag.is_set.remote()))
+        return any_rank(local)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point on every rank. `loop_config = {"config": to_dict(cfg), "stop_flag": actor}`."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.dist.cpus_per_worker)
+    storage = ctx.get_storage()
+    logger = RunLogger(cfg, storage, enabled=rank == 0)
+    rt = GANRuntime(cfg, rank, world_size, device)
+    state = TrainState()
+
+    # Data: this rank's shard stream (resampled, so every rank runs the same number of steps).
+    from digan.data import build_pair_loader
+
+    loader = build_pair_loader(cfg.data, cfg.model.resolution, rt.batch_per_worker, rank, world_size,
+                               cfg.train.seed)
+
+    # Resume from Ray's latest registered checkpoint (a retry after a failure, or a rerun of the name).
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            _restore(d, rt, state, loader, rank, world_size)
+        state.resumed_from.append(state.step)
+        if rank == 0:
+            print(f"resumed from {checkpoint.path} at step {state.step} (kimg {state.cur_nimg / 1000:.3f})",
+                  flush=True)
+    rt.step, rt.cur_nimg = state.step, state.cur_nimg
+
+    stopper = StopPoller(loop_config.get("stop_flag"), rank)
+    total_nimg = int(round(cfg.train.total_kimg * 1000))
+    batches = _endless(loader)
+    window = _Window()
+    metrics_cache: dict[str, Any] = {}
+    try:
+        while state.cur_nimg < total_nimg:
+            t0 = time.perf_counter()
+            real_pair, real_dt = next(batches)
+            t_data = time.perf_counter() - t0
+            stats = rt.train_step(real_pair, real_dt)
+            prev_nimg = state.cur_nimg
+            state.step, state.cur_nimg = rt.step, rt.cur_nimg
+            window.add(stats, t_data, time.perf_counter() - t0)
+
+            stop = stopper.should_stop()
+            done = state.cur_nimg >= total_nimg
+            due_ckpt = done or stop or _crossed(prev_nimg, state.cur_nimg, cfg.train.checkpoint_kimg)
+            due_log = due_ckpt or state.step % cfg.train.log_every_steps == 0
+            if (done or _crossed(prev_nimg, state.cur_nimg, cfg.train.sample_kimg)) and not stop:
+                logger.write_samples(rt.G_ema, state.step)
+            if not due_log:
+                continue
+
+            metrics = window.reduce(loader, cfg.train.batch_size)
+            metrics.update(step=state.step, kimg=state.cur_nimg / 1000)
+            if cfg.metrics.metrics and not stop and (
+                    done or _crossed(prev_nimg, state.cur_nimg, cfg.metrics.interval_kimg)):
+                metrics.update(_compute_metrics(cfg, rt, rank, world_size, metrics_cache))
+            logger.log(state.step, metrics)
+            if due_ckpt:
+                state.stopped_by_signal = stop
+                _save_checkpoint(cfg, rt, state, loader, logger, metrics, rank, world_size)
+            else:
+                ray.train.report(metrics)
+            if stop:
+                if rank == 0:
+                    print(f"stop requested (SIGTERM): checkpointed at step {state.step}; rerun to resume", flush=True)
+                return
+    finally:
+        logger.close()
+
+
+class _Window:
+    """Sums of per-step stats and timings between two log steps (tensors summed on device, one sync)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.steps, self.t_data, self.t0 = 0, 0.0, time.perf_counter()
+
+    def add(self, stats: dict[str, torch.Tensor], t_data: float, _t_step: float) -> None:
+        for k, v in stats.items():
+            v = v.detach().float().reshape(())
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.steps += 1
+        self.t_data += t_data
+
+    def reduce(self, loader, global_batch: int) -> dict[str, float]:
+        """Means over the window and over ranks (one all-reduce), rates, and skipped-record totals."""
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).cpu().tolist() if keys else []  # the one sync
+        local = {k: v / self.counts[k] for k, v in zip(keys, values)}
+        local["it_per_s"] = self.steps / wall
+        local["data_wait_frac"] = self.t_data / wall
+        out = dist_mean(local)
+        out.pop("kimg", None)  # the recipe's kimg is per step; the caller sets the exact counter
+        out["samples_per_s"] = out["it_per_s"] * global_batch
+        counts = loader.stats()
+        totals = dist_sum({"skipped_records": counts["skipped_total"], "records_read": counts["records"]})
+        out.update(totals)
+        self.reset()
+        return out
+
+
+def _compute_metrics(cfg: Config, rt: GANRuntime, rank: int, world_size: int, cache: dict) -> dict[str, float]:
+    """The configured metrics of G_ema on every rank (work and real clips split over ranks; same dict on all)."""
+    from digan.data import build_clip_loader
+    from digan.metrics import compute_metrics
+
+    def real_clips(num_frames: int):
+        loader = build_clip_loader(cfg.data, cfg.model.resolution, 8, num_frames, rank, world_size, cfg.train.seed)
+        return iter(loader)
+
+    t0 = time.perf_counter()
+    values = compute_metrics(rt.G_ema, real_clips, list(cfg.metrics.metrics), cfg.metrics.num_videos,
+                             protocol=cfg.metrics.protocol, detector=cfg.metrics.detector, device=rt.device,
+                             seed=cfg.train.seed, dataset_key=f"{cfg.data.source}@{cfg.model.resolution}",
+                             i3d_weights=cfg.metrics.i3d_weights, clip_frames=cfg.data.num_frames,
+                             rank=rank, world_size=world_size)
+    values = {k: float(v) for k, v in values.items()}
+    values["metrics_time_s"] = time.perf_counter() - t0
+    return values
+
+
+def _save_checkpoint(cfg: Config, rt: GANRuntime, state: TrainState, loader, logger: RunLogger,
+                     metrics: dict[str, float], rank: int, world_size: int) -> None:
+    """Write this rank's part to a local temp folder, report it to Ray, then (rank 0) publish generator.pt."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from digan.models import save_generator
+
+    name = ckpt.checkpoint_name(state.step)
+    staging = tempfile.mkdtemp(prefix=f"digan-{name}-r{rank}-")
+    try:
+        state.segments.append([state.segment_start, state.step])
+        rt.save_engines(staging)  # collective
+        ckpt.atomic_torch_save({"loader": loader.state_dict(), "rng": rng_state(), "world_size": world_size},
+                               os.path.join(staging, ckpt.rank_state_file(rank)))
+        if rank == 0:
+            ckpt.atomic_torch_save({**state.state_dict(), "G_ema": rt.ema.state_dict(), "config": to_dict(cfg)},
+                                   os.path.join(staging, ckpt.TRAIN_STATE_FILE))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), checkpoint_dir_name=name)
+        # Every rank has finished copying its part once all have passed this barrier.
+        barrier()
+        if rank == 0:
+            storage = ray.train.get_context().get_storage()
+            export = os.path.join(staging, ckpt.GENERATOR_FILE)
+            save_generator(export, rt.G_ema, cfg, state.step, state.cur_nimg / 1000)
+            ckpt.publish_file(storage.storage_filesystem, export,
+                              f"{storage.experiment_fs_path}/{name}/{ckpt.GENERATOR_FILE}")
+            logger.sync()
+        state.segment_start = state.step
+        barrier()  # nobody races ahead into the next checkpoint while generator.pt is being published
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _restore(directory: str, rt: GANRuntime, state: TrainState, loader, rank: int, world_size: int) -> None:
+    """Load engines (collective), counters + G_ema, and this rank's loader/RNG state when the world matches."""
+    rt.load_engines(directory)
+    train_state = ckpt.load_weights_only(os.path.join(directory, ckpt.TRAIN_STATE_FILE))
+    state.load_state_dict(train_state)
+    rt.ema.load_state_dict(train_state["G_ema"])
+    rank_file = os.path.join(directory, ckpt.rank_state_file(rank))
+    rank_state = ckpt.load_weights_only(rank_file) if os.path.exists(rank_file) else None
+    if rank_state is not None and int(rank_state.get("world_size", -1)) == world_size:
+        loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+    else:
+        # Another world size: per-rank streams cannot be mapped; start fresh ones that differ from
+        # the ones used before the checkpoint (keyed by the resume step).
+        seed_everything(seed_for_rank(rt.cfg.train.seed * 7919 + state.step, rank))
+        if rank == 0:
+            print(f"resume with {world_size} workers (checkpoint had another count): fresh data/RNG streams",
+                  flush=True)

@@ -1,0 +1,228 @@
+"""Train DIGAN on Ray Train with DeepSpeed-wrapped workers: the project's main job.
+
+    python -m digan.train                                   # demo: demo-32 preset, 2 CPU workers, minutes
+    python -m digan.train --config digan-128 data.source=s3://bucket/ucf101 train.storage_path=s3://bucket/runs
+    ray job submit --working-dir . -- python -m digan.train --config digan-128 ...
+    python -m digan.train --dry-run                         # resolved config + plan, no Ray work
+
+Attaches to a running cluster when one is given (`dist.ray_address`, else RAY_ADDRESS as set under
+`ray job submit`), otherwise starts a local one. Rerunning with the same `train.run_name` and
+`train.storage_path` resumes from the latest checkpoint. SIGTERM (Slurm preemption) or Ctrl-C asks the
+workers to checkpoint at the next step boundary and exit; a second signal aborts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from digan.config import Config, add_config_args, config_from_args, dump_yaml, to_dict
+
+
+@dataclass
+class TrainOutcome:
+    """Where a finished (or stopped) run left its outputs, as paths a user can open or paste."""
+
+    run_dir: str
+    checkpoint: str | None
+    step: int | None
+    kimg: float | None
+    tensorboard: str
+    sample_video: str | None
+    stopped: bool  # True when a signal stopped the run before train.total_kimg
+
+
+def plan(cfg: Config) -> str:
+    """What a run will do, in a few lines (printed by --dry-run and at start)."""
+    d, t = cfg.dist, cfg.train
+    gpu = {None: "GPU if the cluster has one", True: "GPU", False: "CPU"}[d.use_gpu]
+    where = d.ray_address or os.environ.get("RAY_ADDRESS") or "a new local Ray cluster"
+    return "\n".join([
+        f"plan: {d.num_workers} Ray Train worker(s) on {where} ({gpu}, {d.cpus_per_worker} CPU each), "
+        f"DeepSpeed ZeRO-{d.zero_stage} {d.precision}",
+        f"      global batch {t.batch_size} ({t.batch_size // d.num_workers} per worker), "
+        f"{t.total_kimg:g} kimg = {_steps(t.total_kimg, t.batch_size)} steps, data {cfg.data.source}",
+        f"      run {_join(t.storage_path, t.run_name)}: checkpoint every {t.checkpoint_kimg:g} kimg (keep "
+        f"{t.keep_checkpoints}), samples every {t.sample_kimg:g} kimg, metrics {cfg.metrics.metrics or 'off'}"
+        + (f" every {cfg.metrics.interval_kimg:g} kimg" if cfg.metrics.metrics else ""),
+    ])
+
+
+def _steps(kimg: float, batch: int) -> int:
+    return -(-int(round(kimg * 1000)) // batch)
+
+
+def _join(storage_path: str, name: str) -> str:
+    if storage_path.startswith("s3://"):
+        return f"{storage_path.rstrip('/')}/{name}"
+    return str(Path(storage_path).expanduser().resolve() / name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stop requests: a signal in the driver sets a flag in a tiny actor that rank 0 polls every step.
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+def _worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment every worker needs (DeepSpeed's accelerator; the same Ray auth mode as the driver)."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    for k in ("RAY_AUTH_MODE", "DS_ACCELERATOR"):
+        if k in os.environ:
+            env.setdefault(k, os.environ[k])
+    return env
+
+
+def _init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS") or None
+    # A new local cluster gets enough CPU slots for the workers even on a small laptop.
+    kwargs = {} if address else {"num_cpus": max(os.cpu_count() or 1, cfg.dist.num_workers * cfg.dist.cpus_per_worker)}
+    ray.init(address=address, **kwargs)
+
+
+def launch(cfg: Config, handle_signals: bool = True) -> TrainOutcome:
+    """Run (or resume) `cfg` on Ray Train; blocks until done or stopped. Returns where the outputs are."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from digan.distributed import checkpoint as ckpt
+    from digan.distributed.worker import train_loop_per_worker
+
+    if cfg.data.source == "demo":
+        # Build the demo shards here, once, with the user watching; workers on this node find them.
+        from digan.data import ensure_demo_shards
+
+        print(f"demo data: {ensure_demo_shards(cfg.data, cfg.model.resolution)}", flush=True)
+
+    fs, storage_fs_path = ckpt.resolve_storage(cfg.train.storage_path, cfg.data.s3_endpoint_url, cfg.data.s3_region)
+    _init_ray(cfg)
+    use_gpu = cfg.dist.use_gpu if cfg.dist.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    stop_flag = ray.remote(num_cpus=0)(_StopFlag).remote()
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "stop_flag": stop_flag},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.train.run_name,
+            storage_path=storage_fs_path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+            worker_runtime_env={"env_vars": _worker_env(use_gpu)},
+        ),
+    )
+    print(plan(cfg), flush=True)
+
+    # fit() runs in a thread so that the main thread stays free to receive signals (ray.init replaced
+    # the SIGTERM handler with sys.exit, which would kill the run without a checkpoint).
+    box: dict = {}
+    requested = threading.Event()
+
+    def _fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the main thread
+            box["error"] = e
+
+    def _on_signal(signum, _frame) -> None:
+        if requested.is_set():
+            print(f"second {signal.Signals(signum).name}: aborting without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        requested.set()
+        print(f"{signal.Signals(signum).name}: checkpointing at the next step, then exiting "
+              "(send again to abort)", file=sys.stderr, flush=True)
+
+    previous = {}
+    if handle_signals and threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            previous[s] = signal.signal(s, _on_signal)
+    thread = threading.Thread(target=_fit, name="digan-fit", daemon=True)
+    thread.start()
+    try:
+        flagged = False
+        while thread.is_alive():
+            thread.join(0.2)
+            if requested.is_set() and not flagged:
+                ray.get(stop_flag.set.remote())
+                flagged = True
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if "error" in box:
+        raise box["error"]
+    result = box["result"]
+
+    run_fs_path = f"{storage_fs_path}/{cfg.train.run_name}"
+    latest = ckpt.find_latest(fs, run_fs_path)
+    metrics = result.metrics or {}
+    samples = _latest_sample(fs, run_fs_path)
+    return TrainOutcome(
+        run_dir=ckpt.display_path(fs, run_fs_path),
+        checkpoint=ckpt.display_path(fs, latest) if latest else None,
+        step=int(metrics["step"]) if "step" in metrics else None,
+        kimg=float(metrics["kimg"]) if "kimg" in metrics else None,
+        tensorboard=ckpt.display_path(fs, f"{run_fs_path}/tensorboard"),
+        sample_video=ckpt.display_path(fs, samples) if samples else None,
+        stopped=requested.is_set(),
+    )
+
+
+def _latest_sample(fs, run_fs_path: str) -> str | None:
+    import pyarrow.fs as pafs
+
+    sel = pafs.FileSelector(f"{run_fs_path}/samples", allow_not_found=True)
+    videos = sorted(i.path for i in fs.get_file_info(sel) if i.path.endswith(".mp4"))
+    return videos[-1] if videos else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m digan.train", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, default="demo-32")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        print(plan(cfg))
+        return 0
+    t0 = time.time()
+    out = launch(cfg)
+    state = "stopped" if out.stopped else "finished"
+    print(f"\n{state} after {time.time() - t0:.0f} s at step {out.step} ({out.kimg} kimg)" if out.step is not None
+          else f"\n{state} after {time.time() - t0:.0f} s")
+    print(f"  run folder:   {out.run_dir}")
+    print(f"  checkpoint:   {out.checkpoint}")
+    print(f"  tensorboard:  {out.tensorboard}   (tensorboard --logdir {out.tensorboard})")
+    print(f"  sample video: {out.sample_video}")
+    if out.stopped:
+        print("  rerun the same command to resume from the checkpoint")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
