@@ -81,7 +81,9 @@ class _StopFlag:
 
 def _worker_env(use_gpu: bool) -> dict[str, str]:
     """Environment every worker needs (DeepSpeed's accelerator; the same Ray auth mode as the driver)."""
-    env = {"PYTHONUNBUFFERED": "1"}
+    # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 reroutes print() through logging, which showed every
+    # progress line twice on the driver; plain stdout is forwarded by Ray once.
+    env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     for k in ("RAY_AUTH_MODE", "DS_ACCELERATOR"):
@@ -104,7 +106,7 @@ def _init_ray(cfg: Config) -> None:
 def launch(cfg: Config, handle_signals: bool = True) -> TrainOutcome:
     """Run (or resume) `cfg` on Ray Train; blocks until done or stopped. Returns where the outputs are."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from digan.distributed import checkpoint as ckpt
@@ -134,6 +136,8 @@ def launch(cfg: Config, handle_signals: bool = True) -> TrainOutcome:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
             worker_runtime_env={"env_vars": _worker_env(use_gpu)},
+            # Ray Train's per-report INFO lines would drown our progress line.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     print(plan(cfg), flush=True)

@@ -1,0 +1,181 @@
+"""Unit tests of the training plumbing that need no Ray: ds_config, the DeepSpeed updater on a 1-rank gloo
+group, keyed latents, checkpoint files and find-latest, RNG state, the CLI's --dry-run."""
+
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from digan.config import DistConfig, load_config
+from digan.distributed import checkpoint as ckpt
+from digan.distributed.deepspeed import DeepSpeedUpdater, build_ds_config, initialize_engine
+from digan.distributed.utils import rng_state, set_rng_state
+from digan.distributed.worker import KeyedLatents, _crossed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_ds_config_batch_keys_precision_and_stage():
+    ds = build_ds_config(DistConfig(zero_stage=2, precision="bf16"), micro_batch_per_worker=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 1
+    assert "train_batch_size" not in ds  # any world size validates
+    assert ds["zero_optimization"] == {"stage": 2} and ds["bf16"] == {"enabled": True} and "fp16" not in ds
+    assert "optimizer" not in ds  # client torch Adam only (a DS-config Adam JIT-compiles for minutes)
+    ds16 = build_ds_config(DistConfig(precision="fp16"), 2)
+    assert ds16["fp16"]["enabled"] and "bf16" not in ds16
+    assert "bf16" not in build_ds_config(DistConfig(), 2) and "fp16" not in build_ds_config(DistConfig(), 2)
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A real 1-rank gloo process group (what Ray creates before DeepSpeed reuses it).
+
+    One per module: DeepSpeed caches the group it wrapped, so it cannot be destroyed and re-created
+    between engines of one process.
+    """
+    port = _free_port()
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LeakyReLU(0.2), torch.nn.Linear(16, 1))
+
+
+def _loss(m, x, poison: bool):
+    """Logistic loss + an R1-style double-backward term; `poison` makes one weight's gradient NaN."""
+    x = x.detach().requires_grad_(True)
+    y = m(x)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    loss = torch.nn.functional.softplus(y).mean() + g.square().sum(1).mean()
+    if poison:
+        loss = loss + m[0].weight[0, 0] * float("nan")
+    return loss
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_updater_matches_plain_adam_and_sanitizes_nan(one_rank_group, stage):
+    """engine.backward/step through the updater == plain Adam with nan_to_num + clamp (NaN on step 1).
+
+    Under ZeRO-2 DeepSpeed would skip a step with a NaN gradient; the updater's hooks zero it first.
+    """
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    ref = _net()
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2, betas=(0.0, 0.99))
+    for s in range(3):
+        opt.zero_grad()
+        _loss(ref, x, poison=s == 1).backward()
+        for p in ref.parameters():
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5).clamp_(-1e5, 1e5)
+        opt.step()
+
+    net = _net()
+    engine = initialize_engine(net, torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.0, 0.99)),
+                               build_ds_config(DistConfig(zero_stage=stage), 8))
+    up = DeepSpeedUpdater(engine, grad_clamp=1e5)
+    for s in range(3):
+        up.zero_grad()
+        up.backward(_loss(up.module, x, poison=s == 1))
+        up.step()
+        assert up.step_applied()
+    for a, b in zip(ref.parameters(), up.module.parameters()):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=1e-6)
+
+
+def test_keyed_latents_do_not_depend_on_how_the_batch_is_split():
+    full = KeyedLatents(seed=3, global_batch=8)
+    full.begin_step(5, torch.arange(8))
+    z, z_M, t = full.draw(4, 3)
+    halves = []
+    for r in range(2):
+        k = KeyedLatents(seed=3, global_batch=8)
+        k.begin_step(5, torch.arange(4 * r, 4 * r + 4))
+        halves.append(k.draw(4, 3))
+    torch.testing.assert_close(torch.cat([h[0] for h in halves]), z, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([h[1] for h in halves]), z_M, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([h[2] for h in halves]), t, rtol=0, atol=0)
+    assert (t[:, 0] <= t[:, 1]).all() and ((t >= 0) & (t <= 1)).all()
+    # a fresh draw per phase (D step, then G step) and per step
+    z2, _, _ = full.draw(4, 3)
+    full.begin_step(6, torch.arange(8))
+    z3, _, _ = full.draw(4, 3)
+    assert not torch.equal(z, z2) and not torch.equal(z, z3)
+
+
+def test_crossed_intervals():
+    assert _crossed(0, 16, 0.016) and not _crossed(16, 24, 0.016) and _crossed(24, 32, 0.016)
+    assert not _crossed(0, 1999, 2.0) and _crossed(1999, 2000, 2.0)
+
+
+def test_atomic_save_and_find_latest_only_complete(tmp_path):
+    import pyarrow.fs as pafs
+
+    fs = pafs.LocalFileSystem()
+    run = tmp_path / "run"
+    for step, complete in [(2, True), (4, True), (6, False)]:
+        d = run / ckpt.checkpoint_name(step)
+        (d / "G").mkdir(parents=True)
+        ckpt.atomic_torch_save({"step": step, "w": torch.ones(2)}, d / ckpt.TRAIN_STATE_FILE)
+        if complete:
+            src = tmp_path / f"gen{step}.pt"
+            torch.save({"step": step}, src)
+            ckpt.publish_file(fs, src, str(d / ckpt.GENERATOR_FILE))
+    (run / "step-00000009-partial").mkdir()  # not a checkpoint name
+    assert [s for s, _ in ckpt.list_checkpoints(fs, str(run))] == [2, 4]
+    assert ckpt.find_latest(fs, str(run)) == str(run / "step-00000004")
+    assert [s for s, _ in ckpt.list_checkpoints(fs, str(run), complete_only=False)] == [2, 4, 6]
+    assert ckpt.load_weights_only(run / "step-00000004" / ckpt.TRAIN_STATE_FILE)["step"] == 4
+    assert not list(run.rglob("*.tmp"))  # temp files renamed away
+    assert ckpt.find_latest(fs, str(tmp_path / "missing")) is None
+    assert ckpt.parse_step("step-00000012") == 12 and ckpt.parse_step("checkpoint_1") is None
+
+
+def test_rng_state_round_trip_is_weights_only(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = rng_state()
+    ckpt.atomic_torch_save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(ckpt.load_weights_only(tmp_path / "rng.pt"))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_dry_run_prints_config_and_plan_without_ray():
+    out = subprocess.run([sys.executable, "-m", "digan.train", "--dry-run", "dist.zero_stage=2", "train.total_kimg=1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "zero_stage: 2" in out.stdout and "plan: 2 Ray Train worker(s)" in out.stdout
+    assert "ZeRO-2 fp32" in out.stdout and "1 kimg = 63 steps" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "digan.train", "--dry-run", "dist.zero_stage=3"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "dist.zero_stage=3" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert load_config("demo-32").dist.num_workers == 2  # the default run is the 2-worker demo
