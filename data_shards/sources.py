@@ -161,6 +161,11 @@ def read_source(src: VideoSource, resolution: int) -> tuple[np.ndarray, float | 
     raise ValueError(f"unknown source kind {src.kind!r}")
 
 
+def _why(e: Exception) -> str:
+    """An error as one short line without the file path (the manifest already names the source)."""
+    return f"{type(e).__name__}: {getattr(e, 'strerror', None) or str(e).split(chr(10))[0][:200]}"
+
+
 def _read_video(path: str, resolution: int) -> tuple[np.ndarray, float | None, str]:
     import av
 
@@ -171,7 +176,7 @@ def _read_video(path: str, resolution: int) -> tuple[np.ndarray, float | None, s
     try:
         container = av.open(path)
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise SkipVideo(f"unreadable: {type(e).__name__}: {e}") from None
+        raise SkipVideo(f"unreadable: {_why(e)}") from None
     frames = []
     with container:
         if not container.streams.video:
@@ -184,8 +189,7 @@ def _read_video(path: str, resolution: int) -> tuple[np.ndarray, float | None, s
             for frame in container.decode(stream):
                 frames.append(square_resize(frame.to_image(), resolution))
         except (av.FFmpegError, OSError, ValueError) as e:
-            raise SkipVideo(f"truncated or corrupt: decode error after {len(frames)} frames "
-                            f"({type(e).__name__}: {e})") from None
+            raise SkipVideo(f"truncated or corrupt: decode error after {len(frames)} frames ({_why(e)})") from None
     if not frames:
         raise SkipVideo("unreadable: no decodable frames")
     # A cut-off file often decodes cleanly up to the cut: compare with the container's frame count.
@@ -207,7 +211,7 @@ def _read_frame_folder(path: str, resolution: int) -> tuple[np.ndarray, float | 
             with Image.open(f) as img:
                 frames.append(square_resize(img, resolution))
         except (OSError, ValueError, SyntaxError) as e:
-            raise SkipVideo(f"unreadable frame {f.name}: {type(e).__name__}: {e}") from None
+            raise SkipVideo(f"unreadable frame {f.name}: {_why(e)}") from None
     return np.stack(frames), None, h.hexdigest()
 
 

@@ -264,18 +264,19 @@ class _Reader:
     def batches(self):
         ds = self.ds
         decode = self.pair if ds.mode == "pair" else self.clip
-        items = []
+        items, keys = [], []
         for rec in self.shuffled(self.records()):
             sample = decode(rec)
             if sample is None:
                 continue
             self.counts["samples"] += 1
             items.append(sample)
+            keys.append(rec["__key__"])
             if len(items) == ds.batch_size:
-                yield {"data": self.collate(items), "counts": self.take_counts()}
-                items = []
+                yield {"data": self.collate(items), "keys": keys, "counts": self.take_counts()}
+                items, keys = [], []
         if items and ds.partial:
-            yield {"data": self.collate(items), "counts": self.take_counts()}
+            yield {"data": self.collate(items), "keys": keys, "counts": self.take_counts()}
         yield {"counts": self.take_counts()}  # what was skipped after the last batch
 
     def collate(self, items):
@@ -340,6 +341,7 @@ class StreamLoader:
         self._in_epoch = False  # a pass was started and not finished (abandoned passes still use up an epoch)
         self._counts = dict.fromkeys(COUNT_KEYS, 0)
         self._loader = None
+        self.last_keys: list[str] = []  # record keys of the last batch yielded (for logs and tests)
 
     def _dataloader(self):
         if self._loader is None:
@@ -360,6 +362,7 @@ class StreamLoader:
                 self._counts[k] += v
             if "data" in item:
                 self.step += 1
+                self.last_keys = item["keys"]
                 yield item["data"]
         self._in_epoch, self.step = False, 0
         self.epoch += 1
