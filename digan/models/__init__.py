@@ -1,1 +1,113 @@
-"""digan.models."""
+"""DIGAN models: the INR video generator, the image and motion discriminators, and the G_ema export.
+
+    G = build_generator(cfg.model)                  # G(z, z_motion, t [B, T], scale) -> [B, T, 3, H, W]
+    D_img, D_mot = build_discriminators(cfg.model)  # D_img([N, 3, H, W]) / D_mot(motion_input(pair, dt))
+    save_generator(path, G_ema, cfg, step, kimg)    # generator.pt = {config, G_ema, step, kimg}
+    G_ema, cfg = load_generator(run_or_checkpoint_dir_or_file)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from digan.config import Config, ModelConfig, from_dict, to_dict
+from digan.models.discriminator import ImageDiscriminator, MotionDiscriminator, motion_input
+from digan.models.generator import Generator, VideoCode
+
+__all__ = ["Generator", "VideoCode", "ImageDiscriminator", "MotionDiscriminator", "motion_input",
+           "build_generator", "build_discriminators", "save_generator", "load_generator",
+           "find_generator_file", "GENERATOR_FILE"]
+
+GENERATOR_FILE = "generator.pt"
+
+
+def build_generator(cfg: ModelConfig) -> Generator:
+    """The DIGAN generator for a model config (all block structure is derived from it)."""
+    return Generator(cfg)
+
+
+def build_discriminators(cfg: ModelConfig) -> tuple[ImageDiscriminator, MotionDiscriminator]:
+    """(D_I, D_M): separate weights, same hyper-parameters (official `OurDiscriminator`)."""
+    return ImageDiscriminator(cfg), MotionDiscriminator(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The inference export read by digan.generate / digan.evaluate.
+
+
+def save_generator(path: str | os.PathLike, G_ema: Generator, cfg: Config, step: int, kimg: float) -> Path:
+    """Write `{"config", "G_ema", "step", "kimg"}` atomically (temp file in the same folder + rename).
+
+    `path` is the file or a checkpoint folder (then `generator.pt` inside it). Tensors are saved detached on
+    the CPU, so the file loads with `torch.load(..., weights_only=True)` on any machine.
+    """
+    path = Path(path)
+    if path.is_dir() or path.suffix == "":
+        path = path / GENERATOR_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "config": to_dict(cfg),
+        "G_ema": {k: v.detach().to("cpu", copy=True) for k, v in G_ema.state_dict().items()},
+        "step": int(step),
+        "kimg": float(kimg),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _last_int(name: str) -> int:
+    nums = re.findall(r"\d+", name)
+    return int(nums[-1]) if nums else -1
+
+
+def find_generator_file(path: str | os.PathLike) -> Path:
+    """Resolve a file, a checkpoint folder, or a run / `checkpoints` folder to one `generator.pt`.
+
+    For a folder without `generator.pt` of its own, the latest checkpoint below it (up to 3 levels deep) is
+    taken: the one whose folder name ends in the largest number (`step-00001200`, `checkpoint_000012`),
+    ties broken by modification time.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if (path / GENERATOR_FILE).is_file():
+        return path / GENERATOR_FILE
+    found = [p for depth in ("*", "*/*", "*/*/*") for p in path.glob(f"{depth}/{GENERATOR_FILE}")]
+    if not found:
+        raise FileNotFoundError(f"no {GENERATOR_FILE} in {str(path)!r} or its checkpoint folders")
+    return max(found, key=lambda p: (_last_int(p.parent.name), p.stat().st_mtime))
+
+
+def load_generator(path_or_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Generator, Config]:
+    """Load `(G_ema, cfg)` from a `generator.pt`, a checkpoint folder, or a run folder (latest checkpoint).
+
+    The generator is returned in eval mode with gradients off.
+    """
+    file = find_generator_file(path_or_dir)
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which and why, in one line
+        raise ValueError(f"{file}: not a readable generator checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or "config" not in payload or "G_ema" not in payload:
+        raise ValueError(f"{file}: not a generator export (expected keys 'config' and 'G_ema')")
+    cfg = from_dict(payload["config"])
+    G = build_generator(cfg.model)
+    G.load_state_dict(payload["G_ema"])
+    G.to(map_location).eval().requires_grad_(False)
+    return G, cfg
