@@ -92,7 +92,7 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def _init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config) -> None:
     import ray
 
     if ray.is_initialized():
@@ -103,8 +103,10 @@ def _init_ray(cfg: Config) -> None:
     ray.init(address=address, **kwargs)
 
 
-def launch(cfg: Config, handle_signals: bool = True) -> TrainOutcome:
-    """Run (or resume) `cfg` on Ray Train; blocks until done or stopped. Returns where the outputs are."""
+def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = None) -> TrainOutcome:
+    """Run (or resume) `cfg` on Ray Train; blocks until done or stopped. Returns where the outputs are.
+
+    `callbacks` are Ray Train `UserCallback`s (the sweep passes Tune's `TuneReportCallback`)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -119,7 +121,7 @@ def launch(cfg: Config, handle_signals: bool = True) -> TrainOutcome:
         print(f"demo data: {ensure_demo_shards(cfg.data, cfg.model.resolution)}", flush=True)
 
     fs, storage_fs_path = ckpt.resolve_storage(cfg.train.storage_path, cfg.data.s3_endpoint_url, cfg.data.s3_region)
-    _init_ray(cfg)
+    init_ray(cfg)
     use_gpu = cfg.dist.use_gpu if cfg.dist.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     stop_flag = ray.remote(num_cpus=0)(_StopFlag).remote()
@@ -135,6 +137,7 @@ def launch(cfg: Config, handle_signals: bool = True) -> TrainOutcome:
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+            callbacks=list(callbacks or []),
             worker_runtime_env={"env_vars": _worker_env(use_gpu)},
             # Ray Train's per-report INFO lines would drown our progress line.
             logging_config=LoggingConfig(log_level="WARNING"),
