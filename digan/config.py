@@ -101,7 +101,7 @@ class DataConfig:
     s3_region: str | None = None  # S3 region (else AWS_DEFAULT_REGION / the AWS config chain)
     s3_max_retries: int = 5  # retries with exponential backoff on transient S3 errors
     epoch_clips: int = 0  # resampled mode: clips per epoch over all ranks; 0 = the manifest's clip count
-    worker_start_method: str = "auto"  # DataLoader worker start: auto (forkserver for s3://, else fork), fork, spawn
+    worker_start_method: str = "auto"  # DataLoader workers: auto (= fork; S3-safe) | fork | forkserver | spawn
 
 
 @dataclass

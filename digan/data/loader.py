@@ -424,8 +424,11 @@ class StreamLoader:
 def _start_method(cfg: DataConfig, shards: list[str]) -> str:
     method = cfg.worker_start_method
     if method == "auto":
-        # s3fs is not fork-safe once used, and the S3 listing above used it in this process.
-        return "forkserver" if any(is_s3(u) for u in shards) else "fork"
+        # fork is safe with S3 here although this process already used s3fs (the listing): workers build
+        # their own filesystem (cached by PID) and fsspec resets its event-loop thread after a fork. It
+        # starts in milliseconds where spawn re-imports torch per worker, and unlike a forkserver
+        # (started once, keeping its first environment) it sees the current AWS_* settings.
+        return "fork"
     return method
 
 
