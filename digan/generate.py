@@ -1,0 +1,268 @@
+"""Render videos from a trained DIGAN generator (or a fresh one, for smoke tests).
+
+    python -m digan.generate --checkpoint runs/digan-128 --seeds 0-7 --outdir out/        # 16 frames, t in [0, 1]
+    python -m digan.generate --checkpoint ... --seeds 3 --num-frames 128                  # 8x slow motion
+    python -m digan.generate --checkpoint ... --seeds 3 --num-frames 32 --t-end 2.0667    # extrapolate to t > 1
+    python -m digan.generate --checkpoint ... --seeds 3 --scale 2                         # 2x super-resolution
+    python -m digan.generate --checkpoint ... --seeds 3 --motion-seeds 0-3                # one content, 4 motions
+    python -m digan.generate --config demo-32 --seeds 0-3 --format mp4,gif,png           # untrained model (smoke)
+
+Seeds -> latents (reproducible on any device): seed s seeds a CPU `torch.Generator`; z_I is its first
+`z_dim` normal draws and z_M the next `motion_z_dim` draws. With `--motion-seeds m1,m2,..`, z_I comes from
+the content seed and z_M from the second draw of motion seed m's stream, so (s, m=s) is the default video.
+
+Time stamps: t = linspace(t_start, t_end, num_frames). Training sees t in [0, 1] (16-frame clips are
+t_k = k/15); more frames over the same range interpolate (slow motion), a range past 1 extrapolates.
+
+Memory: at most `--max-frames-in-memory` frames are rendered at once (videos x frame chunk); the per-video
+INR weights are computed once per video and reused for every chunk, and each chunk is encoded into the MP4
+right away. GIF and PNG outputs keep the video's uint8 frames until it is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from digan.config import Config, ConfigError, add_config_args, config_from_args, dump_yaml, from_dict
+from digan.models import Generator, build_generator, find_generator_file, load_generator
+from digan.video_io import Mp4Writer, frame_grid, to_uint8, write_gif, write_png
+
+FORMATS = ("mp4", "gif", "png")
+
+
+class ArgumentError(ValueError):
+    """A bad command-line argument: one line saying what is wrong."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Library functions (also used by training-time sampling and evaluation).
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-7' -> [0..7], '0,3,5' -> [0, 3, 5], '0-2,9' -> [0, 1, 2, 9] (seeds are >= 0)."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None:
+            raise ArgumentError(f"bad seed {part.strip()!r} in {text!r}: use e.g. 0-7 or 0,3,5 (seeds >= 0)")
+        lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+        if hi < lo:
+            raise ArgumentError(f"seed range {part.strip()!r} is empty (end < start)")
+        seeds.extend(range(lo, hi + 1))
+    return seeds
+
+
+def seed_latents(seeds: list[int], z_dim: int, motion_z_dim: int,
+                 motion_seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic (z_I [N, z_dim], z_M [N, motion_z_dim]) on the CPU for content seeds (and motion seeds).
+
+    Stream of seed s: `torch.Generator().manual_seed(s)`; z_I = first z_dim N(0, 1) draws, z_M = the next
+    motion_z_dim draws of the motion seed's stream (the content seed's own stream by default).
+    """
+    motion_seeds = seeds if motion_seeds is None else motion_seeds
+    if len(motion_seeds) != len(seeds):
+        raise ValueError("seeds and motion_seeds must have the same length")
+    zs, zms = [], []
+    for s, m in zip(seeds, motion_seeds):
+        zs.append(torch.randn(z_dim, generator=torch.Generator().manual_seed(s)))
+        g = torch.Generator().manual_seed(m)
+        torch.randn(z_dim, generator=g)  # skip the stream's content part
+        zms.append(torch.randn(motion_z_dim, generator=g))
+    return torch.stack(zs), torch.stack(zms)
+
+
+def time_stamps(num_frames: int, t_start: float = 0.0, t_end: float = 1.0) -> torch.Tensor:
+    """t = linspace(t_start, t_end, num_frames) [T] (float32); one frame renders t_start."""
+    return torch.linspace(t_start, t_end, num_frames, dtype=torch.float64).to(torch.float32)
+
+
+@torch.no_grad()
+def render_chunks(G: Generator, z: torch.Tensor, z_motion: torch.Tensor, t: torch.Tensor, scale: int = 1,
+                  chunk_frames: int = 16, truncation_psi: float = 1.0) -> Iterator[tuple[int, torch.Tensor]]:
+    """Render B videos at times t [T] (shared) or [B, T] in chunks of at most `chunk_frames` frames each.
+
+    Yields (first frame index, frames [B, Tc, 3, H*scale, W*scale]). The INR weights are prepared once.
+    """
+    device = next(G.parameters()).device
+    code = G.prepare(z.to(device), z_motion.to(device), truncation_psi=truncation_psi)
+    t = t.to(device)
+    if t.dim() == 1:
+        t = t.unsqueeze(0).expand(z.shape[0], -1)
+    for start in range(0, t.shape[1], chunk_frames):
+        yield start, G.render(code, t[:, start: start + chunk_frames], scale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CLI.
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="digan-generate", description="Render DIGAN videos from seeds.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", metavar="PATH",
+                   help="generator.pt, a checkpoint folder, or a run folder (its latest checkpoint)")
+    add_config_args(g, default=None)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g = p.add_argument_group("videos")
+    g.add_argument("--seeds", default="0-3", help="content seeds: 0-7 or 0,3,5")
+    g.add_argument("--motion-seeds", default=None, help="render every content seed with each of these motions")
+    g.add_argument("--num-frames", type=int, default=16, help="frames per video")
+    g.add_argument("--t-start", type=float, default=0.0, help="time of the first frame (training range: [0, 1])")
+    g.add_argument("--t-end", type=float, default=1.0, help="time of the last frame (> 1 extrapolates)")
+    g.add_argument("--scale", type=int, default=1, help="spatial super-resolution factor (denser coordinate grids)")
+    g.add_argument("--trunc", type=float, default=1.0, help="truncation psi (1 = none, as in the paper)")
+    g = p.add_argument_group("output")
+    g.add_argument("--outdir", default="generated", help="output folder")
+    g.add_argument("--format", default="mp4", help="comma-separated: mp4, gif, png (frame grid)")
+    g.add_argument("--fps", type=float, default=8.0, help="frame rate of mp4/gif")
+    g.add_argument("--max-frames-in-memory", type=int, default=32,
+                   help="most frames rendered at once (videos per batch x frames per chunk)")
+    g.add_argument("--batch-videos", type=int, default=None,
+                   help="videos rendered together (default: as many as max-frames-in-memory allows)")
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Validate the arguments; raise ArgumentError with one line naming the flag."""
+    if args.checkpoint is None and args.config is None:
+        raise ArgumentError("give --checkpoint (a trained run) or --config (a fresh, untrained model)")
+    if args.checkpoint is not None and (args.config is not None or args.overrides):
+        raise ArgumentError("--config and key=value overrides describe a fresh model; "
+                            "a --checkpoint carries its own config")
+    if args.num_frames < 1:
+        raise ArgumentError(f"--num-frames={args.num_frames}: must be >= 1")
+    if args.scale < 1:
+        raise ArgumentError(f"--scale={args.scale}: must be an integer >= 1")
+    if args.max_frames_in_memory < 1:
+        raise ArgumentError(f"--max-frames-in-memory={args.max_frames_in_memory}: must be >= 1")
+    if args.batch_videos is not None and not 1 <= args.batch_videos <= args.max_frames_in_memory:
+        raise ArgumentError(f"--batch-videos={args.batch_videos}: must be in [1, --max-frames-in-memory]")
+    if not (math.isfinite(args.t_start) and math.isfinite(args.t_end)):
+        raise ArgumentError("--t-start/--t-end must be finite numbers")
+    if not args.fps > 0:
+        raise ArgumentError(f"--fps={args.fps}: must be > 0")
+    args.formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    bad = [f for f in args.formats if f not in FORMATS]
+    if bad or not args.formats:
+        raise ArgumentError(f"--format={args.format!r}: choose from {', '.join(FORMATS)}")
+    args.seed_list = parse_seeds(args.seeds)
+    args.motion_list = parse_seeds(args.motion_seeds) if args.motion_seeds is not None else None
+    if args.device != "auto":
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise ArgumentError(f"--device={args.device!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ArgumentError(f"--device={args.device}: CUDA is not available on this machine")
+
+
+def _checkpoint_config(path: str) -> tuple[Path, Config]:
+    file = find_generator_file(path)
+    payload = torch.load(file, map_location="cpu", weights_only=True)
+    return file, from_dict(payload["config"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _check(args)
+        if args.checkpoint is not None:
+            source, cfg = _checkpoint_config(args.checkpoint)
+        else:
+            source, cfg = None, config_from_args(args)
+    except (ArgumentError, FileNotFoundError, ValueError, KeyError, ConfigError) as e:
+        msg = f"bad checkpoint: {e}" if isinstance(e, KeyError) else str(e)
+        print(f"digan-generate: error: {msg}", file=sys.stderr)
+        return 2
+
+    # The plan: (content seed, motion seed) per video, and how they are batched and chunked.
+    if args.motion_list is None:
+        jobs = [(s, s) for s in args.seed_list]
+    else:
+        jobs = [(s, m) for s in args.seed_list for m in args.motion_list]
+    per_batch = args.batch_videos or max(1, min(len(jobs), args.max_frames_in_memory // args.num_frames))
+    chunk = max(1, args.max_frames_in_memory // per_batch)
+    side = cfg.model.resolution * args.scale
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    outdir = Path(args.outdir)
+
+    def stem(s: int, m: int) -> str:
+        return f"seed{s:04d}" if args.motion_list is None else f"seed{s:04d}-motion{m:04d}"
+
+    model_desc = (f"checkpoint {source}" if source is not None else
+                  f"FRESH UNTRAINED generator from config {args.config!r} (smoke test: the videos are noise-like)")
+    t_all = time_stamps(args.num_frames, args.t_start, args.t_end)
+    print(f"model: {model_desc}")
+    print(f"plan: {len(jobs)} videos x {args.num_frames} frames of {side}x{side} (scale {args.scale}), "
+          f"t from {args.t_start:g} to {args.t_end:g}, formats {','.join(args.formats)} -> {outdir}/")
+    print(f"      {per_batch} videos per batch, chunks of {chunk} frames (<= {per_batch * chunk} frames in memory), "
+          f"device {device}")
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        for s, m in jobs:
+            print(f"  would write {outdir / stem(s, m)}.{{{','.join(args.formats)}}} (z_I seed {s}, z_M seed {m})")
+        return 0
+
+    if source is not None:
+        G, _ = load_generator(source, map_location=device)
+    else:
+        torch.manual_seed(cfg.train.seed)
+        G = build_generator(cfg.model).to(device).eval().requires_grad_(False)
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    written: list[Path] = []
+    start_time = time.perf_counter()
+    bar = tqdm(total=len(jobs) * args.num_frames, unit="frame", desc="rendering", file=sys.stderr)
+    for b0 in range(0, len(jobs), per_batch):
+        batch = jobs[b0: b0 + per_batch]
+        z, z_motion = seed_latents([s for s, _ in batch], G.z_dim, G.motion_z_dim, [m for _, m in batch])
+        mp4s = [Mp4Writer(outdir / f"{stem(s, m)}.mp4", args.fps) for s, m in batch] if "mp4" in args.formats else []
+        keep = [[] for _ in batch] if ("gif" in args.formats or "png" in args.formats) else None
+        try:
+            for _, frames in render_chunks(G, z, z_motion, t_all, args.scale, chunk, args.trunc):
+                frames_u8 = to_uint8(frames)  # [B, Tc, H, W, 3]
+                for i in range(len(batch)):
+                    if mp4s:
+                        mp4s[i].write(frames_u8[i])
+                    if keep is not None:
+                        keep[i].append(frames_u8[i])
+                bar.update(frames_u8.shape[0] * frames_u8.shape[1])
+        finally:
+            for w in mp4s:
+                w.close()
+        written += [w.path for w in mp4s]
+        for i, (s, m) in enumerate(batch):
+            if keep is None:
+                continue
+            video = torch.cat(keep[i])
+            if "gif" in args.formats:
+                written.append(write_gif(outdir / f"{stem(s, m)}.gif", video, args.fps))
+            if "png" in args.formats:
+                written.append(write_png(outdir / f"{stem(s, m)}.png",
+                                         frame_grid(video, num_cols=min(len(video), 8))))
+    bar.close()
+    elapsed = time.perf_counter() - start_time
+    total = len(jobs) * args.num_frames
+    print(f"wrote {len(written)} files to {outdir}/ ({total} frames in {elapsed:.1f} s, {total / elapsed:.1f} frames/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
