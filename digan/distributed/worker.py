@@ -419,7 +419,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
 
             metrics = window.reduce(loader, cfg.train.batch_size)
-            metrics.update(step=state.step, kimg=state.cur_nimg / 1000)
+            metrics.update(step=state.step, kimg=state.cur_nimg / 1000, restarts=len(state.resumed_from))
             if cfg.metrics.metrics and not stop and (
                     done or _crossed(prev_nimg, state.cur_nimg, cfg.metrics.interval_kimg)):
                 metrics.update(_compute_metrics(cfg, rt, rank, world_size, metrics_cache))
