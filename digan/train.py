@@ -92,15 +92,38 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_ray(cfg: Config) -> None:
+    """Attach to `dist.ray_address` / RAY_ADDRESS, else start a new local cluster bound to 127.0.0.1."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS") or None
-    # A new local cluster gets enough CPU slots for the workers even on a small laptop.
-    kwargs = {} if address else {"num_cpus": max(os.cpu_count() or 1, cfg.dist.num_workers * cfg.dist.cpus_per_worker)}
-    ray.init(address=address, **kwargs)
+    address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    # address="local": never attach by accident to another cluster `ray start`ed on this machine.
+    # Ray Train's placement-group cleaner and Tune find the state API through RAY_API_SERVER_ADDRESS; without it
+    # they guess by scanning local processes, which fails (and leaks placement groups, hanging the next run)
+    # as soon as a second Ray instance runs on the machine. So pin the dashboard port and tell every process.
+    port = _free_port()
+    ray.init(
+        address="local",
+        # Enough CPU slots for the workers even on a small laptop.
+        num_cpus=max(os.cpu_count() or 1, cfg.dist.num_workers * cfg.dist.cpus_per_worker),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )
 
 
 def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = None) -> TrainOutcome:
