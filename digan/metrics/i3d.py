@@ -266,7 +266,7 @@ def load_i3d(path: str | Path | None = None, fmt: str = "auto") -> tuple[Incepti
         path, fmt = default_tfhub_ckpt_path(), "tfhub"
     path = Path(path).expanduser()
     if not path.is_file():
-        raise I3DWeightsError(f"I3D weights {path} do not exist")
+        raise I3DWeightsError(f"I3D weights {path}: file does not exist")
     if fmt == "auto":
         fmt = "videogpt" if zipfile.is_zipfile(path) else "tfhub"
     if fmt == "tfhub":

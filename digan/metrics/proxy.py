@@ -36,15 +36,16 @@ def _seeded_init_(module: nn.Module, seed: int) -> None:
 
 
 class ProxyVideoNet(nn.Module):
-    """Four strided 3D convs (3 -> 32 -> 64 -> 128 -> 256) with leaky ReLU, then a global average
-    over (T, H, W): x [B, 3, T, H, W] -> features [B, 256]. Time is downsampled by the last two convs
-    (8 frames -> 2), so every feature depends on several frames in order."""
+    """Four strided 3D convs (6 -> 32 -> 64 -> 128 -> 256) with leaky ReLU, then a global average
+    over (T, H, W): x [B, 3, T, H, W] -> features [B, 256]. The input is the clip and its temporal
+    difference x[t+1] - x[t]: random filters alone average motion out almost entirely (frame-shuffled
+    clips scored like real ones), the explicit difference channels make the proxy see motion."""
 
     feature_dim = 256
 
     def __init__(self, seed: int = PROXY_SEED):
         super().__init__()
-        ch = [3, 32, 64, 128, self.feature_dim]
+        ch = [6, 32, 64, 128, self.feature_dim]
         t_stride = [1, 1, 2, 2]
         self.convs = nn.ModuleList(
             nn.Conv3d(ch[i], ch[i + 1], kernel_size=(3, 4, 4), stride=(t_stride[i], 2, 2), padding=(1, 1, 1))
@@ -54,6 +55,8 @@ class ProxyVideoNet(nn.Module):
         self.eval().requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dx = F.pad(x[:, :, 1:] - x[:, :, :-1], (0, 0, 0, 0, 0, 1))  # zero after the last frame
+        x = torch.cat([x, 4 * dx], dim=1)  # x4: natural frame differences are a few % of the range
         for conv in self.convs:
             x = F.leaky_relu(conv(x), 0.2)
         return F.adaptive_avg_pool3d(x, 1).flatten(1)
