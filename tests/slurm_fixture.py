@@ -102,6 +102,7 @@ class LoopbackSlurm:
         cpus = os.cpu_count() or 1
         # RealMemory above the real memory drains the node; leave headroom.
         mem_mb = max(512, _mem_mb() - 1024)
+        first_job_id = 1000 + (os.getpid() * 7919 + int(time.time())) % 9_000_000
         self.conf.write_text(f"""\
 ClusterName=digan-ci
 SlurmctldHost=localhost
@@ -133,6 +134,8 @@ MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
 MinJobAge={MIN_JOB_AGE_S}
+# Job ids unique across sessions: per-job paths (/tmp/ray-<job id>) never meet a previous session's.
+FirstJobId={first_job_id}
 # Ray drains for 30 s on SIGTERM; the default KillWait=30 would hold every job in COMPLETING that long.
 KillWait=5
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN

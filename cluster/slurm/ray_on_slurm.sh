@@ -6,7 +6,7 @@
 #   2. writes a fresh per-job Ray auth token to a 0600 file and points every Ray process at it
 #      (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH); the token is never printed or put on a command line;
 #   3. starts the Ray head on the first node and one Ray worker per remaining node, each a background
-#      `srun --overlap ... ray start --block` step, and waits until every node has joined;
+#      `srun --overlap ... ray start --block` step, and waits until every node has started and joined;
 #   4. runs the driver (`python -m digan.train ...`) in the batch step with RAY_ADDRESS set to the head;
 #   5. preemption: Slurm sends DIGAN_PREEMPT_SIGNAL (USR1) to this batch shell before the time limit
 #      (`#SBATCH --signal=B:USR1@<secs>`); the handler forwards DIGAN_DRIVER_SIGNAL to the driver, waits
@@ -30,7 +30,8 @@
 #                          workers base+100..base+999): use it when Ray clusters can share a node [unset]
 #   DIGAN_RAY_TMPDIR       Ray's temp/session dir on every node, short (unix socket paths <= 107 bytes)
 #                          [/tmp/ray-$SLURM_JOB_ID]
-#   DIGAN_RAY_START_TIMEOUT_S  seconds to wait for the head and all workers [180]
+#   DIGAN_RAY_START_TIMEOUT_S  seconds to wait for each Ray node to start [180]
+#   DIGAN_RAY_START_ATTEMPTS   tries per node when `ray start` dies during startup [3]
 #   DIGAN_RAY_STOP         1 = node-wide `ray stop` at teardown (safe only with --exclusive nodes) [1; 0 in loopback]
 #   DIGAN_PREEMPT_SIGNAL   signal Slurm sends before the time limit, as in `--signal=B:<SIG>@secs` [USR1]
 #   DIGAN_DRIVER_SIGNAL    signal forwarded to the driver to make it checkpoint and stop [TERM]
@@ -64,6 +65,7 @@ digan_setup() {
   DIGAN_DRIVER_SIGNAL=${DIGAN_DRIVER_SIGNAL:-TERM}
   DIGAN_REQUEUE=${DIGAN_REQUEUE:-1}
   DIGAN_RAY_START_TIMEOUT_S=${DIGAN_RAY_START_TIMEOUT_S:-180}
+  DIGAN_RAY_START_ATTEMPTS=${DIGAN_RAY_START_ATTEMPTS:-3}
 
   DIGAN_JOB_LOG_DIR=${DIGAN_LOG_DIR:-$DIGAN_ROOT/logs}/${SLURM_JOB_NAME:-job}-$SLURM_JOB_ID
   mkdir -p "$DIGAN_JOB_LOG_DIR"
@@ -74,6 +76,8 @@ digan_setup() {
   [ -n "${DIGAN_RAY_TMPDIR:-}" ] || DIGAN_RM_RAY_TMPDIR=1
   export RAY_TMPDIR=${DIGAN_RAY_TMPDIR:-/tmp/ray-$SLURM_JOB_ID}
   export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
+  # Logs in real time (the startup wait below reads them), not in 8 KiB blocks.
+  export PYTHONUNBUFFERED=1
 
   mapfile -t DIGAN_NODES < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?}")
   DIGAN_NUM_NODES=${#DIGAN_NODES[@]}
@@ -112,6 +116,8 @@ digan_setup() {
   fi
   export RAY_ADDRESS=$DIGAN_RAY_HEAD_IP:$DIGAN_RAY_PORT
   DIGAN_STEP_PIDS=()
+  DIGAN_STEP_LOGS=()
+  DIGAN_STEP_OFFSETS=()
   DIGAN_DRIVER_PID=
   DIGAN_PREEMPTED=0
   DIGAN_TERMINATED=0
@@ -152,51 +158,60 @@ digan_auth_setup() {
 # ---------------------------------------------------------------------------------------------------
 # 3. Head and workers.
 
-_digan_wait_port() {  # host port timeout_s pid-that-must-stay-alive
-  local t_end=$((SECONDS + $3))
-  until (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; do
-    kill -0 "$4" 2>/dev/null || digan_die "the Ray head step exited; see $DIGAN_JOB_LOG_DIR/ray-head.log"
-    [ $SECONDS -lt $t_end ] || digan_die "Ray head not listening on $1:$2 after $3 s"
-    sleep 1
+_digan_size() { if [ -f "$1" ]; then wc -c <"$1"; else echo 0; fi; }
+
+_digan_launch_node() {  # i: `ray start --block` for node i (0 = the head) as a background srun step
+  local i=$1 log args
+  if [ "$i" -eq 0 ]; then
+    log=$DIGAN_JOB_LOG_DIR/ray-head.log
+    args=(--head --node-ip-address="$DIGAN_RAY_HEAD_IP" --port="$DIGAN_RAY_PORT"
+      --dashboard-host="$DIGAN_DASHBOARD_HOST" --dashboard-port="$DIGAN_RAY_DASHBOARD_PORT")
+  else
+    log=$DIGAN_JOB_LOG_DIR/ray-worker-${DIGAN_NODES[i]}.log
+    args=(--address="$RAY_ADDRESS")
+  fi
+  DIGAN_STEP_LOGS[i]=$log
+  DIGAN_STEP_OFFSETS[i]=$(_digan_size "$log")
+  # --overlap: these steps run for the whole job; without it they would hold the node's CPUs and any
+  # later srun on the node would wait for them forever. --open-mode=append keeps the logs of requeues.
+  srun --overlap --nodes=1 --ntasks=1 -w "${DIGAN_NODES[i]}" --open-mode=append --output="$log" \
+    ray start "${args[@]}" --block --num-cpus="$DIGAN_CPUS_PER_NODE" --num-gpus="$DIGAN_GPUS_PER_NODE" \
+    --disable-usage-stats "${DIGAN_RAY_PORT_ARGS[@]}" &
+  DIGAN_STEP_PIDS[i]=$!
+}
+
+_digan_wait_node() {  # i: until node i's `ray start` reports the node up; start it again if it died starting
+  local i=$1 attempt=1 t_end=$((SECONDS + DIGAN_RAY_START_TIMEOUT_S))
+  # `ray start` prints this once its raylet has registered with the GCS (on the head: GCS, dashboard and
+  # raylet up). Only what this attempt appended counts: the logs are kept across requeues.
+  until tail -c +"$((DIGAN_STEP_OFFSETS[i] + 1))" "${DIGAN_STEP_LOGS[i]}" 2>/dev/null |
+    grep -q "Ray runtime started"; do
+    if ! kill -0 "${DIGAN_STEP_PIDS[i]}" 2>/dev/null; then
+      wait "${DIGAN_STEP_PIDS[i]}" || true
+      # Ray gives a raylet 30 s to register (hard-coded); an overloaded node can miss that once.
+      [ "$attempt" -lt "$DIGAN_RAY_START_ATTEMPTS" ] ||
+        digan_die "Ray on ${DIGAN_NODES[i]} failed to start $attempt times; see ${DIGAN_STEP_LOGS[i]}"
+      attempt=$((attempt + 1))
+      digan_log "Ray on ${DIGAN_NODES[i]} exited during startup; starting it again (attempt $attempt)"
+      _digan_launch_node "$i"
+    fi
+    [ $SECONDS -lt "$t_end" ] ||
+      digan_die "Ray on ${DIGAN_NODES[i]} did not start in $DIGAN_RAY_START_TIMEOUT_S s; see ${DIGAN_STEP_LOGS[i]}"
+    sleep 0.5
   done
 }
 
 digan_ray_up() {
   digan_auth_setup
-  local common=(--block --num-cpus="$DIGAN_CPUS_PER_NODE" --num-gpus="$DIGAN_GPUS_PER_NODE"
-    --disable-usage-stats "${DIGAN_RAY_PORT_ARGS[@]}")
-  # --overlap: these steps run for the whole job; without it they would hold the node's CPUs and any
-  # later srun on the node would wait for them forever. --open-mode=append keeps the logs of requeues.
-  srun --overlap --nodes=1 --ntasks=1 -w "${DIGAN_NODES[0]}" --open-mode=append \
-    --output="$DIGAN_JOB_LOG_DIR/ray-head.log" \
-    ray start --head --node-ip-address="$DIGAN_RAY_HEAD_IP" --port="$DIGAN_RAY_PORT" \
-    --dashboard-host="$DIGAN_DASHBOARD_HOST" --dashboard-port="$DIGAN_RAY_DASHBOARD_PORT" "${common[@]}" &
-  DIGAN_STEP_PIDS+=($!)
-  _digan_wait_port "$DIGAN_RAY_HEAD_IP" "$DIGAN_RAY_PORT" "$DIGAN_RAY_START_TIMEOUT_S" "${DIGAN_STEP_PIDS[0]}"
-
-  local node
-  for node in "${DIGAN_NODES[@]:1}"; do
-    srun --overlap --nodes=1 --ntasks=1 -w "$node" --open-mode=append \
-      --output="$DIGAN_JOB_LOG_DIR/ray-worker-$node.log" \
-      ray start --address="$RAY_ADDRESS" "${common[@]}" &
-    DIGAN_STEP_PIDS+=($!)
-  done
-
-  # The driver must see the whole cluster, or Ray Train would size itself to the nodes that came first.
-  python - "$DIGAN_NUM_NODES" "$DIGAN_RAY_START_TIMEOUT_S" <<'PY' || digan_die "Ray cluster did not come up"
-import sys, time
-import ray
-want, timeout_s = int(sys.argv[1]), float(sys.argv[2])
-ray.init(logging_level="ERROR", log_to_driver=False)  # RAY_ADDRESS and the auth variables come from the env
-t_end = time.monotonic() + timeout_s
-while (alive := sum(n["Alive"] for n in ray.nodes())) < want:
-    if time.monotonic() > t_end:
-        sys.exit(f"only {alive} of {want} Ray nodes joined after {timeout_s:.0f} s")
-    time.sleep(1)
-print(f"ray: {alive} node(s), resources {ray.cluster_resources()}", flush=True)
-ray.shutdown()
-PY
-  digan_log "Ray up: $DIGAN_NUM_NODES node(s); dashboard http://$DIGAN_RAY_HEAD_IP:$DIGAN_RAY_DASHBOARD_PORT"
+  local t0=$SECONDS i
+  _digan_launch_node 0
+  _digan_wait_node 0
+  # Workers join the head; all of them must be up before the driver starts, or Ray Train would size
+  # itself to the nodes that came first.
+  for ((i = 1; i < DIGAN_NUM_NODES; i++)); do _digan_launch_node "$i"; done
+  for ((i = 1; i < DIGAN_NUM_NODES; i++)); do _digan_wait_node "$i"; done
+  digan_log "Ray up in $((SECONDS - t0)) s: $DIGAN_NUM_NODES node(s);" \
+    "dashboard http://$DIGAN_RAY_HEAD_IP:$DIGAN_RAY_DASHBOARD_PORT"
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,11 +230,12 @@ _digan_signal_driver() {
 }
 
 _digan_on_term() {
-  # scancel, the hard time limit or a node shutdown: stop the driver (it checkpoints if it has time),
-  # do not requeue (Slurm's own preemption with PreemptMode=REQUEUE requeues by itself).
-  digan_log "got SIGTERM: stopping the driver, no requeue"
+  # scancel, the hard time limit, a node shutdown: Slurm has sent SIGTERM to every process of the job,
+  # the driver included (it checkpoints at its next step if KillWait leaves time). Forwarding it again
+  # would be a second signal, which makes digan.train abort without a checkpoint. No requeue here:
+  # Slurm's own preemption with PreemptMode=REQUEUE requeues by itself.
+  digan_log "got SIGTERM: the job is being terminated, no requeue"
   DIGAN_TERMINATED=1
-  _digan_signal_driver
 }
 
 digan_run_driver() {
