@@ -203,3 +203,42 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert covered[0][0] == 0 and covered[-1][1] == total_steps
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:])), covered
     assert _job_processes(jid) == []
+
+
+def test_time_limit_warning_reaches_the_handler(slurm, tmp_path):
+    """The real `#SBATCH --signal` of train.sbatch, delivered by slurmctld as the time limit nears.
+
+    The job above gets its USR1 from `scancel --batch`, at a chosen moment; this one waits for Slurm's own
+    time-limit warning. It runs no Ray and no training (the tests above do): the driver is a shell that
+    exits on SIGTERM, so what is checked is the Slurm side: directive -> batch shell -> our handler ->
+    driver -> requeue.
+    """
+    directive = next(line for line in TRAIN_SBATCH.read_text().splitlines() if line.startswith("#SBATCH --signal="))
+    assert directive == "#SBATCH --signal=B:USR1@300"
+    job = tmp_path / "warn.sbatch"
+    job.write_text("\n".join([
+        "#!/usr/bin/env bash",
+        directive,
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "set -euo pipefail",
+        f". {REPO}/cluster/slurm/ray_on_slurm.sh",
+        "digan_setup",
+        "digan_run_driver bash -c 'trap \"echo driver got TERM; exit 0\" TERM; sleep 600 & wait'",
+        ""]))
+    # A 1-minute limit is already within the 300 s warning window: slurmctld signals at its next periodic
+    # time-limit check (every 30 s).
+    jid = slurm.sbatch(["--time=1", f"--output={tmp_path}/warn-%j.out", str(job)], cwd=tmp_path,
+                       env={"DIGAN_ROOT": str(REPO), "DIGAN_VENV": str(REPO / ".venv"), "DIGAN_LOOPBACK": "1",
+                            "DIGAN_LOG_DIR": str(tmp_path / "logs")})
+    try:
+        t_end = time.monotonic() + 90
+        while not (slurm.job(jid)["Restarts"] == "1"):
+            if time.monotonic() > t_end:
+                pytest.fail(f"no requeue after 90 s: {slurm.job(jid)}\n{(tmp_path / f'warn-{jid}.out').read_text()}")
+            time.sleep(0.5)
+    finally:
+        slurm.run(["scancel", str(jid)])
+    log = (tmp_path / f"warn-{jid}.out").read_text()
+    assert "got SIGUSR1" in log and "driver got TERM" in log and "driver exited with 0" in log
+    assert "requeueing job" in log
