@@ -182,7 +182,15 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """Stop slurmd, slurmctld, munged (in that order), each by the PID we started."""
+        """Cancel what is still queued or running, then stop slurmd, slurmctld, munged, each by its PID.
+
+        Jobs first: a job's slurmstepd outlives slurmd, so a job left running (a failed test) would keep
+        its processes after the cluster is gone."""
+        if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
+            self.run(["scancel", "--user=root"])
+            t_end = time.monotonic() + 30
+            while self.run(["squeue", "-h", "-o", "%i"]).stdout.strip() and time.monotonic() < t_end:
+                time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             p = self.procs.pop(name, None)
             if p is None or p.poll() is not None:

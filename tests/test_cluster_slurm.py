@@ -224,7 +224,8 @@ def test_time_limit_warning_reaches_the_handler(slurm, tmp_path):
         "set -euo pipefail",
         f". {REPO}/cluster/slurm/ray_on_slurm.sh",
         "digan_setup",
-        "digan_run_driver bash -c 'trap \"echo driver got TERM; exit 0\" TERM; sleep 600 & wait'",
+        # The driver's own child must go with it: linuxproc loses track of orphans.
+        "digan_run_driver bash -c 'trap \"kill \\$!; echo driver got TERM; exit 0\" TERM; sleep 600 & wait'",
         ""]))
     # A 1-minute limit is already within the 300 s warning window: slurmctld signals at its next periodic
     # time-limit check (every 30 s).
@@ -242,3 +243,4 @@ def test_time_limit_warning_reaches_the_handler(slurm, tmp_path):
     log = (tmp_path / f"warn-{jid}.out").read_text()
     assert "got SIGUSR1" in log and "driver got TERM" in log and "driver exited with 0" in log
     assert "requeueing job" in log
+    assert _job_processes(jid) == []
