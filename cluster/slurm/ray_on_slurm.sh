@@ -19,8 +19,10 @@
 #   DIGAN_ROOT             repo checkout to run from, must be on a shared filesystem [$SLURM_SUBMIT_DIR]
 #   DIGAN_VENV             virtualenv to activate on every node [none: python/ray from PATH]
 #   DIGAN_LOG_DIR          per-job logs go to $DIGAN_LOG_DIR/<job name>-<job id>/ [$DIGAN_ROOT/logs]
-#   DIGAN_LOOPBACK         1 = test mode on one machine: everything on 127.0.0.1, auth off unless
-#                          DIGAN_RAY_AUTH says otherwise, no node-wide `ray stop` [0]
+#   DIGAN_LOOPBACK         1 = test mode on one machine: the head address and the dashboard on 127.0.0.1,
+#                          auth off unless DIGAN_RAY_AUTH says otherwise, no node-wide `ray stop` [0].
+#                          (Ray 2.60 has no bind option for its GCS/raylet ports, which listen on all
+#                          interfaces, and it advertises the host's primary address instead of 127.0.0.1.)
 #   DIGAN_RAY_AUTH         token | disabled [token; disabled when DIGAN_LOOPBACK=1]
 #   DIGAN_RAY_TOKEN_DIR    0700 directory for the per-job token file, shared by all nodes [$HOME/.digan/ray-tokens]
 #   DIGAN_RAY_HEAD_IP      address the head advertises [first address of `hostname --ip-address`]
