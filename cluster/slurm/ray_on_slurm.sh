@@ -13,7 +13,7 @@
 #      for it to checkpoint and exit, tears Ray down and `scontrol requeue`s the job. The requeued job
 #      (same job id, SLURM_RESTART_COUNT+1) re-runs the same command, and the same train.run_name resumes;
 #   6. teardown (EXIT trap): stops the driver if it still runs, ends the Ray steps by PID, runs `ray stop`
-#      on exclusive nodes, removes the token and the per-job Ray temp dir.
+#      on every node when the nodes are exclusive, removes the token and the per-job Ray temp dirs.
 #
 # Variables (all optional; defaults in brackets):
 #   DIGAN_ROOT             repo checkout to run from, must be on a shared filesystem [$SLURM_SUBMIT_DIR]
@@ -296,8 +296,9 @@ digan_teardown_ray() {
   digan_log "Ray steps ended in $((SECONDS - t0)) s"
   DIGAN_STEP_PIDS=()
   if [ "$DIGAN_RAY_STOP" = 1 ]; then
-    # `ray stop` ends every Ray process this user owns on the node, so only with --exclusive nodes.
-    ray stop >/dev/null 2>&1 || true
+    # A sweep for strays (processes that left their step's process tree) on every node of the job.
+    # `ray stop` ends every Ray process this user owns on a node, so only with --exclusive nodes.
+    timeout 120 srun --overlap --nodes="$DIGAN_NUM_NODES" --ntasks-per-node=1 ray stop >/dev/null 2>&1 || true
   fi
   digan_log "Ray stopped"
 }
@@ -306,11 +307,17 @@ digan_teardown() {
   local rc=$?
   trap - EXIT TERM "$DIGAN_PREEMPT_SIGNAL"
   if [ -n "${DIGAN_DRIVER_PID:-}" ] && kill -0 "$DIGAN_DRIVER_PID" 2>/dev/null; then
-    kill -s "$DIGAN_DRIVER_SIGNAL" "$DIGAN_DRIVER_PID" 2>/dev/null
+    kill -s "$DIGAN_DRIVER_SIGNAL" "$DIGAN_DRIVER_PID" 2>/dev/null || true
     wait "$DIGAN_DRIVER_PID" 2>/dev/null || true
   fi
   digan_teardown_ray
   if [ -n "${DIGAN_TOKEN_FILE:-}" ]; then rm -f "$DIGAN_TOKEN_FILE"; fi
-  if [ "${DIGAN_RM_RAY_TMPDIR:-0}" = 1 ]; then rm -rf "${RAY_TMPDIR:?}"; fi
+  if [ "${DIGAN_RM_RAY_TMPDIR:-0}" = 1 ]; then
+    rm -rf "${RAY_TMPDIR:?}"
+    if [ "${DIGAN_NUM_NODES:-1}" -gt 1 ]; then
+      timeout 60 srun --overlap --nodes="$DIGAN_NUM_NODES" --ntasks-per-node=1 rm -rf "$RAY_TMPDIR" >/dev/null 2>&1 ||
+        true
+    fi
+  fi
   exit "$rc"
 }
