@@ -253,6 +253,15 @@ def compute_metrics(
             cached = _load_cached(key, cache_dir)
             if cached is not None:
                 real[k] = cached
+    if world_size > 1:
+        # Every rank must take part in the same real passes (they all-gather): a feature set missing
+        # on any rank (e.g. a rank restarted with an empty memory cache) is recomputed on all of them.
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * world_size
+        dist.all_gather_object(everyone, sorted(set(keys) - set(real)))
+        for k in set().union(*map(set, everyone)):
+            real.pop(k, None)
     missing_t = [t for t in video_frames if f"video{t}" not in real]
     missing_fid = want_fid and "frames" not in real
     if missing_t or missing_fid:
@@ -269,10 +278,11 @@ def compute_metrics(
                 rows_per_clip = v.shape[0] // (per_rank if world_size > 1 else num_videos)
                 # Ranks read ceil(N / W) clips each: keep exactly N clips' rows.
                 real[k] = _gather_rows(v, world_size)[: num_videos * rows_per_clip]
-                if dataset_key is not None and rank == 0:
+                if dataset_key is not None:  # memory cache on every rank, the disk file from rank 0
                     det_name = frame_det.name if k == "frames" else video_det.name
-                    _store_cached(keys[k], real[k], cache_dir, {"dataset": dataset_key, "features": k,
-                                                                "detector": det_name, "num_videos": num_videos})
+                    _store_cached(keys[k], real[k], cache_dir if rank == 0 else None,
+                                  {"dataset": dataset_key, "features": k, "detector": det_name,
+                                   "num_videos": num_videos})
 
     # Fake features: one pass over this rank's videos, rendered at the longest needed length.
     was_training = G.training
