@@ -1,0 +1,329 @@
+"""Sweep DIGAN's time frequency sigma_t and R1 weight gamma with Ray Tune + Optuna (TPE) + ASHA.
+
+Each trial runs the same training as the main job: a multi-worker Ray Train `TorchTrainer` with DeepSpeed
+engines, launched from a Tune function trainable (the Ray Train V2 pattern), reporting the evaluation metric
+computed during training. ASHA stops weak trials early on that metric.
+
+    python sweeps/tune_freq.py --config demo-32 --num-samples 16 --max-concurrent 2 \
+        --study-storage runs/sweeps/freq.journal                       # resumable Optuna study
+    python sweeps/tune_freq.py --config demo-32 --resume               # finish an interrupted sweep
+
+Search space: by default sigma_t ~ log-uniform(0.03, 3) and R1 gamma ~ log-uniform(0.01, 30). Change it
+with repeated `--param key=dist:low:high` flags (dist: loguniform, uniform, int, choice with `a,b,c`) or a
+YAML file (`--space`). Output: a table of trials (printed and CSV) and the best configuration as a YAML
+file that `python -m digan.train --config best.yaml` accepts as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python sweeps/tune_freq.py` from a checkout: make `digan` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import yaml
+
+from digan.config import Config, ConfigError, add_config_args, config_from_args, dump_yaml, from_dict, set_override, to_dict
+
+DEFAULT_SPACE = {
+    "model.sigma_t": {"type": "loguniform", "low": 0.03, "high": 3.0},
+    "loss.r1_gamma": {"type": "loguniform", "low": 0.01, "high": 30.0},
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Search space: dotted config keys -> Optuna distributions.
+
+
+def parse_param(spec: str) -> tuple[str, dict[str, Any]]:
+    """`model.sigma_t=loguniform:0.03:3` | `uniform:a:b` | `int:a:b` | `choice:a,b,c` -> (key, dict)."""
+    if "=" not in spec:
+        raise ConfigError(f"--param {spec!r}: expected key=dist:low:high (e.g. model.sigma_t=loguniform:0.03:3)")
+    key, dist = spec.split("=", 1)
+    kind, _, rest = dist.partition(":")
+    if kind == "choice":
+        values = [yaml.safe_load(v) for v in rest.split(",") if v]
+        if not values:
+            raise ConfigError(f"--param {spec!r}: choice needs at least one value")
+        return key, {"type": "choice", "values": values}
+    parts = rest.split(":")
+    if kind not in ("loguniform", "uniform", "int") or len(parts) != 2:
+        raise ConfigError(f"--param {spec!r}: expected loguniform|uniform|int:low:high or choice:a,b,c")
+    try:
+        low, high = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ConfigError(f"--param {spec!r}: low and high must be numbers") from None
+    return key, {"type": kind, "low": low, "high": high}
+
+
+def build_distributions(space: dict[str, dict[str, Any]], base: Config):
+    """Check every key against the config tree and turn the space into Optuna distributions."""
+    import optuna.distributions as od
+
+    out = {}
+    for key, d in space.items():
+        kind = d.get("type")
+        probe = from_dict(to_dict(base))
+        if kind == "choice":
+            values = list(d["values"])
+            for v in values:  # fails with one line on an unknown key or a value of the wrong type
+                set_override(probe, f"{key}={yaml.safe_dump(v, default_flow_style=True).strip()}")
+            out[key] = od.CategoricalDistribution(values)
+            continue
+        low, high = float(d["low"]), float(d["high"])
+        if not low < high:
+            raise ConfigError(f"search space {key}: low={low} must be < high={high}")
+        if kind == "loguniform" and low <= 0:
+            raise ConfigError(f"search space {key}: log-uniform needs low > 0 (got {low})")
+        set_override(probe, f"{key}={int(low) if kind == 'int' else low}")
+        if kind == "int":
+            out[key] = od.IntDistribution(int(low), int(high))
+        elif kind in ("loguniform", "uniform"):
+            out[key] = od.FloatDistribution(low, high, log=kind == "loguniform")
+        else:
+            raise ConfigError(f"search space {key}: unknown type {kind!r} (loguniform, uniform, int, choice)")
+    return out
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
+    """The base config with one trial's sampled values applied (validated)."""
+    cfg = from_dict(base)
+    for key, value in params.items():
+        set_override(cfg, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+    return cfg.validate()
+
+
+def make_study_storage(spec: str | None):
+    """Optuna storage the user can inspect/resume with Optuna's tools: *.db/*.sqlite, a journal file, or a URL."""
+    if not spec:
+        return None
+    import optuna
+
+    if "://" in spec:
+        return optuna.storages.RDBStorage(spec)
+    path = Path(spec).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".db", ".sqlite", ".sqlite3"):
+        return optuna.storages.RDBStorage(f"sqlite:///{path}")
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trial: a Tune function trainable that drives one Ray Train run (Train V2 pattern).
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """One trial = the main job's TorchTrainer with this trial's overrides, reporting to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from digan.train import launch
+
+    class MetricReportCallback(TuneReportCallback):
+        """Forward to Tune only the Train reports that carry the sweep's metric.
+
+        The worker reports losses every few steps but the metric only every `metrics.interval_kimg`; Tune's
+        searcher and scheduler need the metric in every result, so one Tune iteration = one evaluation."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    metric = config.pop("__metric__")
+    base = config.pop("__base__")
+    cfg = trial_config(base, config)
+    trial_name = ray.tune.get_context().get_trial_name()
+    # A deterministic Train run name: a trial re-run after `--resume` continues from its Train checkpoint.
+    cfg.train.run_name = f"train-{trial_name}"
+    launch(cfg, handle_signals=False, callbacks=[MetricReportCallback()])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results.
+
+
+def trials_table(result_grid, metric: str, keys: list[str], max_kimg: float) -> list[dict[str, Any]]:
+    """One row per trial: its parameters, its last reported metric, how far it got and how it ended."""
+    rows = []
+    for r in result_grid:
+        cfg, last = r.config or {}, r.metrics or {}
+        kimg = last.get("kimg")
+        if r.error:
+            status = "ERROR"
+        elif kimg is not None and kimg < max_kimg - 1e-9:
+            status = "STOPPED"  # by ASHA, before the end of its training
+        else:
+            status = "TERMINATED"
+        rows.append({
+            "trial": last.get("trial_id") or (r.path or "").rstrip("/").split("/")[-1],
+            **{k: cfg.get(k) for k in keys},
+            metric: last.get(metric),
+            "kimg": kimg,
+            "iterations": last.get("training_iteration"),
+            "status": status,
+            "error": str(r.error).strip().splitlines()[-1][:160] if r.error else "",
+        })
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print("no trials")
+        return
+    cols = list(rows[0].keys())
+
+    def fmt(v):
+        return f"{v:.5g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    widths = {c: max(len(c), *(len(fmt(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(fmt(r[c]).ljust(widths[c]) for c in cols))
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI.
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    g = p.add_argument_group("search")
+    g.add_argument("--param", action="append", default=[], metavar="KEY=DIST:LOW:HIGH",
+                   help="a search dimension (repeatable); replaces the default sigma_t/gamma space")
+    g.add_argument("--space", metavar="YAML", help="search space file: {key: {type, low, high | values}}")
+    g.add_argument("--points", metavar="YAML", help="configs to evaluate first: a list of {key: value} maps")
+    g.add_argument("--metric", default=None, help="metric to optimise (default: proxy_fvd16 or fvd16 per config)")
+    g.add_argument("--mode", default="min", choices=["min", "max"])
+    g.add_argument("--num-samples", type=int, default=8, help="number of trials")
+    g.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
+    g.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    g = p.add_argument_group("early stopping (ASHA on the metric reported during training; time = kimg)")
+    g.add_argument("--max-kimg", type=float, default=None, help="longest trial in kimg (default: train.total_kimg)")
+    g.add_argument("--grace-kimg", type=float, default=None,
+                   help="kimg before a trial can be stopped (default: metrics.interval_kimg)")
+    g.add_argument("--reduction-factor", type=float, default=2.0)
+    g = p.add_argument_group("storage")
+    g.add_argument("--name", default="tune-freq", help="sweep name (folder under --storage-path)")
+    g.add_argument("--storage-path", default=None, help="sweep results folder or s3:// (default: train.storage_path/sweeps)")
+    g.add_argument("--study-storage", default=None, metavar="PATH|URL",
+                   help="Optuna storage: a .db/.sqlite file, a journal file (NFS-safe) or an RDB URL")
+    g.add_argument("--study-name", default=None, help="Optuna study name (default: --name)")
+    g.add_argument("--resume", action="store_true", help="resume an interrupted sweep (Tuner.restore)")
+    g.add_argument("--out", default=None, help="where trials.csv and best.yaml go (default: the sweep folder)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    base = config_from_args(args)
+    try:
+        space = dict(DEFAULT_SPACE)
+        if args.space:
+            space = yaml.safe_load(Path(args.space).read_text()) or {}
+        if args.param:
+            space = dict(parse_param(s) for s in args.param)
+        dists = build_distributions(space, base)
+        points = yaml.safe_load(Path(args.points).read_text()) if args.points else None
+        for pt in points or []:
+            trial_config(to_dict(base), pt)
+    except (ConfigError, OSError) as e:
+        print(f"sweep error: {e}", file=sys.stderr)
+        return 2
+    metric = args.metric or (("proxy_" if base.metrics.detector == "proxy" else "") + (base.metrics.metrics or ["fvd16"])[0])
+    if args.storage_path:
+        storage_path = args.storage_path
+    elif "://" in base.train.storage_path:
+        storage_path = base.train.storage_path.rstrip("/") + "/sweeps"
+    else:
+        storage_path = str(Path(base.train.storage_path) / "sweeps")
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    if base.metrics.metrics == []:
+        print("sweep error: metrics.metrics is empty: the sweep needs a metric reported during training", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(dump_yaml(base))
+        print(f"sweep {args.name}: {args.num_samples} trials, {args.max_concurrent} at once, metric {metric} ({args.mode})")
+        for k, d in dists.items():
+            print(f"  {k}: {d}")
+        print(f"results in {storage_path}/{args.name}; Optuna storage: {args.study_storage or 'in memory'}")
+        return 0
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+    import optuna
+
+    from digan.train import init_ray
+
+    init_ray(base)
+    sweep_path = f"{storage_path.rstrip('/')}/{args.name}"
+    base_dict = to_dict(base)
+    trainable = tune.with_parameters(_trainable, base=base_dict, metric=metric)
+    # The driver of each trial only waits on its Train workers: a sliver of a CPU, so it never starves them.
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+
+    max_kimg = args.max_kimg or base.train.total_kimg
+    if args.resume:
+        if not tune.Tuner.can_restore(sweep_path):
+            print(f"sweep error: nothing to resume at {sweep_path}", file=sys.stderr)
+            return 2
+        tuner = tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        grace_kimg = args.grace_kimg or min(base.metrics.interval_kimg, max_kimg)
+        searcher = OptunaSearch(
+            space=dists, metric=metric, mode=args.mode,
+            sampler=optuna.samplers.TPESampler(seed=args.seed),
+            study_name=args.study_name or args.name, storage=make_study_storage(args.study_storage),
+            points_to_evaluate=points,
+        )
+        # Time is kimg (reported at every log step); the metric arrives every metrics.interval_kimg, and
+        # ASHA judges a trial at a rung with the first metric report at or past the rung's kimg.
+        scheduler = ASHAScheduler(time_attr="kimg", metric=metric, mode=args.mode, max_t=max_kimg,
+                                  grace_period=grace_kimg, reduction_factor=args.reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples,
+                                        max_concurrent_trials=args.max_concurrent),
+            run_config=tune.RunConfig(name=args.name, storage_path=storage_path,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    results = tuner.fit()
+
+    rows = trials_table(results, metric, list(dists), max_kimg)
+    print_table(rows)
+    out = Path(args.out).expanduser().resolve() if args.out else (Path(sweep_path) if "://" not in sweep_path else Path.cwd())
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "trials.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["trial"])
+        w.writeheader()
+        w.writerows(rows)
+    ok = [r for r in rows if r["status"] != "ERROR" and isinstance(r[metric], (int, float)) and math.isfinite(r[metric])]
+    if not ok:
+        print("no trial finished with a finite metric", file=sys.stderr)
+        return 1
+    best = (min if args.mode == "min" else max)(ok, key=lambda r: r[metric])
+    best_cfg = trial_config(base_dict, {k: best[k] for k in dists})
+    best_cfg.train.run_name = f"{args.name}-best"
+    (out / "best.yaml").write_text(f"# best of sweep {args.name}: {metric}={best[metric]:.6g} ({best['trial']})\n"
+                                   + dump_yaml(best_cfg))
+    print(f"best: {', '.join(f'{k}={best[k]:.4g}' if isinstance(best[k], float) else f'{k}={best[k]}' for k in dists)}"
+          f"  {metric}={best[metric]:.5g}")
+    print(f"trials table: {out / 'trials.csv'}\nbest config:  {out / 'best.yaml'}")
+    return 0
+
+
+def _trainable(config: dict[str, Any], base: dict[str, Any], metric: str) -> None:
+    run_trial({**config, "__base__": base, "__metric__": metric})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
