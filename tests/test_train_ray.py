@@ -52,6 +52,16 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 @dataclass
 class Cluster:
     gcs_address: str
@@ -60,18 +70,24 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A real Ray head on 127.0.0.1 for this module; this process is attached as a driver."""
+def ray_cluster(s3_server):
+    """A real Ray head on 127.0.0.1 for this module; this process is attached as a driver.
+
+    Its processes get the test S3 server's endpoint and credentials in their environment, the way
+    cluster nodes get theirs from their own AWS configuration.
+    """
     import ray
 
     tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's unix sockets have a path limit
     gcs, dash, client, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
     env = dict(os.environ, RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               DS_ACCELERATOR="cpu", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+               DS_ACCELERATOR="cpu", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # no 30 s node drain on SIGTERM (no Serve here)
     address = f"127.0.0.1:{gcs}"
     # RAY_ADDRESS for every process of the cluster: Ray Train's placement-group cleaner queries the
     # state API without an address and fails when other Ray clusters run on the same machine.
     env["RAY_ADDRESS"] = address
+    env.update(s3_server.env)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--num-cpus=3", "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
@@ -83,17 +99,14 @@ def ray_cluster():
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     try:
-        deadline = time.monotonic() + 120
-        while True:
+        # Up when the dashboard answers (it starts after the GCS); polling HTTP is cheaper than `ray status`.
+        deadline = time.monotonic() + 180
+        while not _http_ok(f"http://127.0.0.1:{dash}/api/version"):
             if proc.poll() is not None:
                 raise RuntimeError(f"ray start exited: {(tmp / 'ray-start.log').read_text()[-2000:]}")
-            out = subprocess.run([str(VENV_BIN / "ray"), "status", f"--address={address}"], env=env,
-                                 capture_output=True, text=True)
-            if out.returncode == 0 and "CPU" in out.stdout:
-                break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"ray head did not come up: {out.stdout[-1000:]} {out.stderr[-1000:]}")
-            time.sleep(1)
+                raise RuntimeError(f"ray head did not come up: {(tmp / 'ray-start.log').read_text()[-2000:]}")
+            time.sleep(0.5)
         for k in ("RAY_AUTH_MODE", "DS_ACCELERATOR"):
             os.environ[k] = env[k]
         ray.init(address=address, logging_level="WARNING")
@@ -318,11 +331,74 @@ def test_sigterm_checkpoints_and_rerun_resumes(ray_cluster, tmp_path):
     assert state["stopped_by_signal"] and state["step"] == stop_step >= 2
     assert max(s["step"] for s in read_stats(run_dir)) == stop_step  # nothing ran after the checkpoint
 
+    # Start it again (in this process, to save an interpreter start-up): it resumes from the saved step.
+    from digan.train import launch
+
     target = stop_step + 2
-    rerun = _driver(ray_cluster, f"train.total_kimg={target * BATCH / 1000}", *common)
-    output, _ = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, output
-    assert f"at step {stop_step} " in output and f"finished after" in output
+    out = launch(tiny_config(f"train.total_kimg={target * BATCH / 1000}", *common), handle_signals=False)
+    assert out.step == target and not out.stopped
     state = train_state(run_dir / ckpt.checkpoint_name(target))
     assert state["resumed_from"] == [stop_step] and not state["stopped_by_signal"]
     assert_segments_tile(state, target)
+    resumed = [s["step"] for s in read_stats(run_dir) if s["restarts"] == 1]
+    assert resumed == list(range(stop_step + 1, target + 1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# `ray job submit`: the README's cluster command, on the module's cluster.
+
+
+def test_ray_job_submit_succeeds(ray_cluster, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    sid = f"digan-test-{os.getpid()}-{int(time.time())}"
+    runtime_env = {"excludes": [".venv", ".git", "runs", "*.egg-info", "__pycache__", ".pytest_cache"],
+                   "env_vars": {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}}
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--submission-id", sid,
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+           "python", "-m", "digan.train", "--config", "demo-32", *TINY, f"train.storage_path={tmp_path}",
+           "train.run_name=job", f"train.total_kimg={2 * BATCH / 1000}"]
+    out = subprocess.run(cmd, cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    assert client.get_job_status(sid) == JobStatus.SUCCEEDED, out.stdout[-3000:] + out.stderr[-3000:]
+    logs = client.get_job_logs(sid)
+    run_dir = tmp_path / "job"
+    assert f"checkpoint:   {run_dir / ckpt.checkpoint_name(2)}" in logs, logs[-2000:]
+    assert (run_dir / ckpt.checkpoint_name(2) / ckpt.GENERATOR_FILE).is_file()
+    assert f"sample video: {run_dir / 'samples' / ckpt.checkpoint_name(2)}.mp4" in logs
+    assert (run_dir / "samples" / f"{ckpt.checkpoint_name(2)}.mp4").stat().st_size > 1000
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training data streamed from a real S3 server (SeaweedFS), checkpoints and logs written back to it.
+
+
+def test_train_from_s3_with_s3_storage(ray_cluster, s3_env, tmp_path):
+    import s3fs
+
+    from digan.data import ensure_demo_shards
+    from digan.train import launch
+
+    s3 = s3fs.S3FileSystem(endpoint_url=s3_env.endpoint_url, config_kwargs={"s3": {"addressing_style": "path"}})
+    local = ensure_demo_shards(tiny_config().data, 32)
+    s3.put(f"{local}/", f"{s3_env.bucket}/demo32/", recursive=True)
+    cfg = tiny_config(f"data.source={s3_env.url('demo32')}", f"data.s3_endpoint_url={s3_env.endpoint_url}",
+                      "data.num_workers=1", f"train.storage_path={s3_env.url('runs')}", "train.run_name=s3run",
+                      f"train.total_kimg={2 * BATCH / 1000}", "metrics.metrics=[fvd16]", "metrics.num_videos=8",
+                      "metrics.detector=proxy")
+    out = launch(cfg, handle_signals=False)
+    run = f"{s3_env.bucket}/runs/s3run"
+    assert out.checkpoint == f"s3://{run}/{ckpt.checkpoint_name(2)}" and out.step == 2
+    assert out.sample_video == f"s3://{run}/samples/{ckpt.checkpoint_name(2)}.mp4"
+    names = {p.rsplit("/", 1)[-1] for p in s3.find(f"{run}/{ckpt.checkpoint_name(2)}")}
+    assert {ckpt.GENERATOR_FILE, ckpt.TRAIN_STATE_FILE, "rank_state_00000.pt", "rank_state_00001.pt",
+            "mp_rank_00_model_states.pt"} <= names
+    stats = [json.loads(line) for line in s3.cat_file(f"{run}/stats.jsonl").decode().splitlines()]
+    assert [s["step"] for s in stats] == [1, 2] and stats[-1]["records_read"] > 0
+    assert stats[-1]["skipped_records"] == 0
+    assert "proxy_fvd16" in stats[-1] and stats[-1]["proxy_fvd16"] > 0  # training-time metric, labelled proxy
+    assert s3.find(f"{run}/tensorboard")
+    with s3.open(f"{run}/{ckpt.checkpoint_name(2)}/{ckpt.GENERATOR_FILE}", "rb") as f:
+        export = torch.load(f, weights_only=True)
+    assert export["step"] == 2 and export["config"]["data"]["source"] == s3_env.url("demo32")

@@ -13,8 +13,9 @@ How a half-written checkpoint never becomes "the latest":
      then hands the folder to Ray (`ray.train.report`), which copies it to storage;
   2. Ray registers the checkpoint (the one `ray.train.get_checkpoint()` returns on resume) only once
      every rank's copy has finished;
-  3. after a barrier that follows the report on every rank, rank 0 writes `generator.pt` into the stored
-     folder (temp + rename on a local disk; a single object PUT on S3, which appears atomically). A
+  3. after a barrier that follows the report on every rank, and once Ray confirms the registration
+     (`get_all_reported_checkpoints(COMMITTED)`), rank 0 writes `generator.pt` into the stored folder
+     (temp + rename on a local disk; a single object PUT on S3, which appears atomically). A
      folder holding `generator.pt` is therefore complete, and `find_latest` (like
      `digan.models.find_generator_file`) only considers such folders.
 Keeping the last K is Ray's `CheckpointConfig(num_to_keep=K)`, which deletes whole folders.

@@ -419,6 +419,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
 
             metrics = window.reduce(loader, cfg.train.batch_size)
+            # Divergence fails the run loudly (a sweep records the trial as failed) instead of training on
+            # garbage: the means are all-reduced, so every rank raises at the same step.
+            bad = sorted(k for k in ("loss_D", "loss_G") if k in metrics and not math.isfinite(metrics[k]))
+            if bad:
+                raise FloatingPointError(f"training diverged: non-finite {', '.join(bad)} around step {state.step} "
+                                         f"(kimg {state.cur_nimg / 1000:.3f}); lower optim.lr or loss.r1_gamma")
             metrics.update(step=state.step, kimg=state.cur_nimg / 1000, restarts=len(state.resumed_from))
             if cfg.metrics.metrics and not stop and (
                     done or _crossed(prev_nimg, state.cur_nimg, cfg.metrics.interval_kimg)):
@@ -498,7 +504,7 @@ def _save_checkpoint(cfg: Config, rt: GANRuntime, state: TrainState, loader, log
                      metrics: dict[str, float], rank: int, world_size: int) -> None:
     """Write this rank's part to a local temp folder, report it to Ray, then (rank 0) publish generator.pt."""
     import ray.train
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointConsistencyMode
 
     from digan.models import save_generator
 
@@ -516,6 +522,9 @@ def _save_checkpoint(cfg: Config, rt: GANRuntime, state: TrainState, loader, log
         # Every rank has finished copying its part once all have passed this barrier.
         barrier()
         if rank == 0:
+            # Wait until Ray has registered it as the latest checkpoint (the one a restart resumes from;
+            # registration is asynchronous), so that generator.pt never marks a checkpoint newer than it.
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
             storage = ray.train.get_context().get_storage()
             export = os.path.join(staging, ckpt.GENERATOR_FILE)
             save_generator(export, rt.G_ema, cfg, state.step, state.cur_nimg / 1000)
