@@ -93,68 +93,107 @@ def backoff_sleep(attempt: int, settings: S3Settings) -> None:
     time.sleep(delay * (0.5 + random.random()))  # jitter so many workers don't retry in lockstep
 
 
-class RetryingS3Reader(io.RawIOBase):
-    """A sequential read-only stream of one S3 object that survives transient errors.
+class RetryingS3Reader(io.BufferedIOBase):
+    """A sequential read-only stream of one S3 object: ranged GETs, prefetched, retried.
 
-    On a transient error the object is reopened at the current offset after an exponential backoff,
-    so a connection reset in the middle of a shard costs a retry, not the shard.
+    The object is fetched in `chunk_bytes` ranges on s3fs's event loop, the next range always in
+    flight while the current one is consumed, so reading overlaps with decoding. A range that fails
+    with a transient error (reset, timeout, 5xx) is fetched again after an exponential backoff, on
+    top of s3fs's own retries, so a connection reset in the middle of a shard costs a retry, not the
+    shard. Going around fsspec's file object also saves most of its per-read CPU (-> benchmarks/data.py).
     """
 
-    def __init__(self, url: str, settings: S3Settings | None = None, block_size: int = 8 << 20):
+    def __init__(self, url: str, settings: S3Settings | None = None, chunk_bytes: int = 8 << 20):
         super().__init__()
-        self.url, self.settings, self.block_size = url, settings or _settings, block_size
-        self.pos = 0
+        self.url, self.settings, self.chunk_bytes = url, settings or _settings, chunk_bytes
+        self.key = strip_scheme(url)
+        self.fs = s3_filesystem(self.settings)
         self.retries = 0  # transient errors survived (for tests and logs)
-        self._f = None
-        self._with_retries(lambda: None)  # open now, so a missing object fails here, not mid-stream
+        # HEAD now: a missing object fails here (FileNotFoundError, no retries), and we learn the size.
+        self.size = int(self._retrying(lambda: self.fs.info(self.key), 0)["size"])
+        self.pos = 0  # object offset of the next byte returned
+        self._buf, self._buf_start = b"", 0
+        self._next = self._submit(0)
 
-    def _drop(self) -> None:
-        if self._f is not None:
-            try:
-                self._f.close()
-            except Exception:  # closing a broken connection may fail again; the handle is dropped anyway
-                pass
-            self._f = None
+    def _submit(self, start: int):
+        import asyncio
 
-    def _with_retries(self, fn):
+        if start >= self.size:
+            return None
+        end = min(start + self.chunk_bytes, self.size)
+        return start, asyncio.run_coroutine_threadsafe(self.fs._cat_file(self.key, start=start, end=end), self.fs.loop)
+
+    def _retrying(self, fn, offset: int):
         for attempt in range(self.settings.max_retries + 1):
             try:
-                if self._f is None:
-                    f = s3_filesystem(self.settings).open(strip_scheme(self.url), "rb", block_size=self.block_size,
-                                                          cache_type="readahead")
-                    f.seek(self.pos)
-                    self._f = f
                 return fn()
             except Exception as e:
                 if attempt == self.settings.max_retries or not is_transient(e):
                     raise
                 self.retries += 1
-                print(f"s3: transient error on {self.url} at byte {self.pos} ({type(e).__name__}); "
+                print(f"s3: transient error on {self.url} at byte {offset} ({type(e).__name__}); "
                       f"retry {attempt + 1}/{self.settings.max_retries}", file=sys.stderr)
-                self._drop()
                 backoff_sleep(attempt, self.settings)
         raise AssertionError("unreachable")
+
+    def _advance(self) -> bool:
+        """Make the next range current; False at the end of the object."""
+        if self._next is None:
+            return False
+        start, fut = self._next
+        first = [fut]
+
+        def get():
+            f = first.pop() if first else self._submit(start)[1]  # a retry fetches the range again
+            data = f.result()
+            if len(data) != min(self.chunk_bytes, self.size - start):
+                raise ConnectionError(f"short range read: {len(data)} bytes at {start}")
+            return data
+
+        self._buf = self._retrying(get, start)
+        self._buf_start = start
+        self._next = self._submit(start + len(self._buf))
+        return True
 
     def readable(self) -> bool:
         return True
 
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.size - self.pos
+        out = []
+        while n > 0:
+            off = self.pos - self._buf_start
+            if off >= len(self._buf):
+                if not self._advance():
+                    break
+                continue
+            piece = self._buf[off: off + n]
+            out.append(piece)
+            self.pos += len(piece)
+            n -= len(piece)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    read1 = read
+
     def readinto(self, b) -> int:
-        data = self._with_retries(lambda: self._f.read(len(b)))
-        n = len(data)
-        b[:n] = data
-        self.pos += n
-        return n
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
 
     def close(self) -> None:
-        self._drop()
+        if self._next is not None:
+            self._next[1].cancel()
+            self._next = None
+        self._buf = b""
         super().close()
 
 
 def open_s3(url: str, mode: str = "rb", bufsize: int = 1 << 20, **kw):
-    """webdataset gopen handler for s3:// (read-only)."""
+    """webdataset gopen handler for s3:// (read-only, sequential)."""
     if mode != "rb":
         raise ValueError(f"s3 shards are read-only here, got mode {mode!r}")
-    return io.BufferedReader(RetryingS3Reader(url), buffer_size=max(bufsize, 1 << 20))
+    return RetryingS3Reader(url)
 
 
 def register_gopen() -> None:
