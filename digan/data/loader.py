@@ -1,9 +1,14 @@
 """Streaming loaders over clip shards (folder or s3://): DIGAN training pairs and whole evaluation clips.
 
-Pipeline of one reader (a DataLoader worker of one rank), built with webdataset's tar iterators:
+Pipeline of one reader (a DataLoader worker of one rank):
 
     shard URLs -> [resampled: draw with replacement | once: epoch permutation, rank slice, worker slice]
-      -> tar records -> shuffle buffer -> decode (2 frames, or a whole clip) -> batches
+      -> webdataset gopen (files, pipe:, http:, s3: via s3fs) -> tar records (digan.data.tar)
+      -> shuffle buffer -> decode (2 frames, or a whole clip) -> batches
+
+The rank/worker split is webdataset's split_by_node + split_by_worker, driven by the explicit rank
+and world size given to the builders rather than by RANK/WORLD_SIZE in the environment. Resampled
+mode is webdataset's ResampledShards + with_epoch (counted per worker), seeded per reader.
 
 Everything random is seeded by (seed, rank, worker, epoch, purpose), so a stream is reproducible and
 two ranks or two epochs never share one. Batches are assembled in the workers; each one carries the
