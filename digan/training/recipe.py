@@ -83,9 +83,15 @@ def train_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Modul
 
 def stats_to_floats(stats: Stats) -> dict[str, float]:
     """Tensors -> floats with ONE device sync (call only on logging steps)."""
-    keys = list(stats)
-    values = torch.stack([stats[k].detach().float().reshape(()).cpu() for k in keys]).tolist() if keys else []
-    return dict(zip(keys, values))
+    out: dict[str, float] = {}
+    on_device = {k: v for k, v in stats.items() if v.device.type != "cpu"}
+    for k, v in stats.items():
+        if k not in on_device:
+            out[k] = float(v.detach().float().reshape(()))  # already on the host: no sync
+    if on_device:  # one stack on the device, one copy to the host
+        values = torch.stack([v.detach().float().reshape(()) for v in on_device.values()]).tolist()
+        out.update(zip(on_device, values))
+    return {k: out[k] for k in stats}
 
 
 # ----------------------------------------------------------------------------------------------------
