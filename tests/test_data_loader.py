@@ -202,3 +202,34 @@ def test_resolution_downscale_and_refusal(demo):
         build_pair_loader(cfg, 64, 4)
     with pytest.raises(FileNotFoundError, match="no shard"):
         build_pair_loader(DataConfig(source=str(demo / "nothing")), 32, 4)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_names_formats_and_damage(fmt):
+    from digan.data.tar import TarError, iter_members, iter_records
+
+    long_dir = "d" * 120  # longer than ustar's 100-byte name field: a prefix, a GNU L member or a pax path
+    names = [f"{long_dir}/c0_0000.json", f"{long_dir}/c0_0000.f0000.jpg", "c1_0000.json", "c1_0000.F0000.JPG"]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
+        for i, n in enumerate(names):
+            data = bytes([i]) * (100 + 700 * i)
+            info = tarfile.TarInfo(n)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    got = list(iter_members(io.BytesIO(raw)))
+    assert [n for n, _ in got] == names and [len(d) for _, d in got] == [100, 800, 1500, 2200]
+    recs = list(iter_records(io.BytesIO(raw), "u", lambda *a: pytest.fail("not truncated")))
+    assert [r["__key__"] for r in recs] == [f"{long_dir}/c0_0000", "c1_0000"]
+    assert sorted(recs[1]) == ["__key__", "__url__", "f0000.jpg", "json"]  # suffixes lower-cased
+    broken = bytearray(raw)
+    broken[100] ^= 0x01  # a flipped bit in the first header's mode field
+    with pytest.raises(TarError, match="checksum"):
+        list(iter_members(io.BytesIO(bytes(broken))))
+    with tarfile.open(fileobj=io.BytesIO(raw)) as t:
+        last = t.getmembers()[-1]
+    cut = []  # cut inside the last member's data: record c1 is incomplete and handed over, not yielded
+    assert list(iter_records(io.BytesIO(raw[: last.offset_data + 100]), "u", lambda p, e: cut.append((p, e)))) \
+        == recs[:1]
+    assert cut[0][0]["__key__"] == "c1_0000" and isinstance(cut[0][1], TarError)

@@ -207,4 +207,11 @@ def test_transient_error_classification():
     assert is_transient(OSError("An error occurred (ServiceUnavailable) when calling GetObject: 503"))
     assert not is_transient(FileNotFoundError("no such key"))
     assert not is_transient(PermissionError("Forbidden"))
-    assert not is_transient(ValueError("bad url"))
+    assert not is_transient(ValueError("bad url")) and not is_transient(OSError("read 5000 of 9000 bytes"))
+    throttled = OSError("SlowDown")
+    answer_503 = RuntimeError("GetObject failed")
+    answer_503.response = {"ResponseMetadata": {"HTTPStatusCode": 503}}
+    try:
+        raise OSError("s3fs wrapper") from answer_503
+    except OSError as wrapped:
+        assert is_transient(wrapped) and is_transient(throttled)

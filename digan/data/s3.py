@@ -2,9 +2,12 @@
 
 `register_gopen()` (called when `digan.data.loader` is imported) puts `s3://` in webdataset's
 `gopen_schemes`, so shard URLs like `s3://bucket/prefix/shard-000000.tar` open through s3fs. This module
-itself imports neither torch nor webdataset, so the shard builder's workers stay light. Why per process: an `S3FileSystem` used before
-a fork is not fork-safe (its aiohttp session and event loop belong to the parent), so the filesystem is
-built lazily and cached by PID, bypassing fsspec's instance cache.
+imports neither torch nor webdataset, so the shard builder's worker processes stay light.
+
+Why one filesystem per process: an `S3FileSystem` used before a fork is not fork-safe (its aiohttp
+session belongs to the parent's event loop), so it is built lazily, cached by PID, bypassing fsspec's
+instance cache; fsspec itself resets its event-loop thread in a forked child. DataLoader workers may
+therefore be forked after the parent listed the bucket.
 
 The endpoint and region come from `S3Settings` (filled from DataConfig), else from the standard AWS
 environment/config chain (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, ~/.aws/...).
@@ -71,21 +74,25 @@ def strip_scheme(url: str) -> str:
     return url[len("s3://"):] if is_s3(url) else url
 
 
-def is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException, _depth: int = 0) -> bool:
     """Errors worth a retry: connection resets, timeouts, throttling and 5xx answers."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
-    text = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+    status = getattr(exc, "response", None)
+    status = status.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(status, dict) else None
+    if isinstance(status, int) and (status >= 500 or status == 429):
+        return True
+    text = f"{type(exc).__name__}: {exc}"
     markers = ("ClientPayloadError", "ServerDisconnected", "ClientConnectorError", "ClientOSError",
                "EndpointConnectionError", "ConnectionClosedError", "ReadTimeout", "ConnectTimeout",
                "IncompleteRead", "ResponseStreamingError", "Connection reset", "SlowDown", "Throttl",
-               "ServiceUnavailable", "InternalError", "RequestTimeout", "503", "500", "502", "504")
+               "ServiceUnavailable", "InternalError", "RequestTimeout", "TooManyRequests")
     if any(m in text for m in markers):
         return True
-    cause = exc.__cause__ or exc.__context__
-    return cause is not None and cause is not exc and is_transient(cause)
+    cause = exc.__cause__ or exc.__context__  # s3fs re-raises botocore/aiohttp errors as OSError from them
+    return cause is not None and cause is not exc and _depth < 5 and is_transient(cause, _depth + 1)
 
 
 def backoff_sleep(attempt: int, settings: S3Settings) -> None:
