@@ -421,7 +421,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics = window.reduce(loader, cfg.train.batch_size)
             # Divergence fails the run loudly (a sweep records the trial as failed) instead of training on
             # garbage: the means are all-reduced, so every rank raises at the same step.
-            bad = sorted(k for k in ("loss_D", "loss_G") if k in metrics and not math.isfinite(metrics[k]))
+            bad = sorted(k for k in ("loss_D", "loss_G", "r1") if k in metrics and not math.isfinite(metrics[k]))
             if bad:
                 raise FloatingPointError(f"training diverged: non-finite {', '.join(bad)} around step {state.step} "
                                          f"(kimg {state.cur_nimg / 1000:.3f}); lower optim.lr or loss.r1_gamma")
