@@ -109,7 +109,14 @@ def ray_cluster(s3_server):
             time.sleep(0.5)
         for k in ("RAY_AUTH_MODE", "DS_ACCELERATOR"):
             os.environ[k] = env[k]
-        ray.init(address=address, logging_level="WARNING")
+        for attempt in range(3):  # on a heavily loaded machine the GCS can miss ray.init's first deadline
+            try:
+                ray.init(address=address, logging_level="WARNING")
+                break
+            except (ConnectionError, ray.exceptions.RpcError):
+                if attempt == 2:
+                    raise
+                time.sleep(5)
         yield Cluster(address, f"http://127.0.0.1:{dash}", env)
     finally:
         ray.shutdown()
