@@ -45,7 +45,7 @@ def run_row(args: argparse.Namespace, num_workers: int, storage: str) -> dict:
         f"dist.zero_stage={args.zero_stage}", f"dist.precision={args.precision}",
         f"train.batch_size={args.batch_per_worker * num_workers}",
         f"train.total_kimg={args.steps * args.batch_per_worker * num_workers / 1000}",
-        f"train.log_every_steps={log_every}", "train.checkpoint_kimg=1e9", "train.sample_kimg=1e9",
+        f"train.log_every_steps={log_every}", "train.checkpoint_kimg=1000000", "train.sample_kimg=1000000",
         "metrics.metrics=[]", f"train.storage_path={storage}", f"train.run_name=scaling-w{num_workers}",
         f"data.num_workers={args.data_workers}", "dist.max_failures=0",
     ]
@@ -84,11 +84,11 @@ def main() -> int:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"weak scaling, {args.preset}, {args.batch_per_worker} pairs per worker, ZeRO-{args.zero_stage} "
           f"{args.precision}, {args.steps} steps per row, device: {device}", flush=True)
-    if not os.environ.get("RAY_ADDRESS"):
-        import ray
+    from digan.train import init_ray
 
-        # one local cluster for all rows, with a CPU slot for every worker of the largest row
-        ray.init(num_cpus=max(os.cpu_count() or 1, max(args.workers) * args.threads), logging_level="WARNING")
+    # One cluster for all rows (RAY_ADDRESS, else a local one with a CPU slot for every worker of the largest row).
+    init_ray(load_config(args.preset, [f"dist.num_workers={max(args.workers)}", f"dist.cpus_per_worker={args.threads}",
+                                       f"train.batch_size={max(args.workers)}"]))
     rows = []
     with tempfile.TemporaryDirectory(prefix="digan-scaling-") as storage:
         for n in args.workers:

@@ -361,10 +361,23 @@ class StopPoller:
         return any_rank(local)
 
 
+def _quiet_report_logs() -> None:
+    """Ray 2.60 logs every `ray.train.report` at INFO (with all metrics) under a logger named after its file
+    path instead of `ray.train.*`, so RunConfig's LoggingConfig does not reach it; it would bury the
+    progress line. Raise that one logger to WARNING."""
+    import logging
+
+    import ray.train.v2._internal.execution.context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point on every rank. `loop_config = {"config": to_dict(cfg), "stop_flag": actor}`."""
     import ray.train
     import ray.train.torch
+
+    _quiet_report_logs()
 
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
