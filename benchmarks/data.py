@@ -56,6 +56,14 @@ def pairs_per_s(source: str, resolution: int, num_pairs: int, batch: int,
     return n / (cpu_s() - c0), n / (time.perf_counter() - t0), loader.stats()
 
 
+def calibration_ms() -> float:
+    """CPU ms of a fixed pure-Python loop: about 15 ms on an idle modern core; more means a contended one."""
+    c0 = cpu_s()
+    sum(range(10**6))
+    t = os.times()
+    return (t.user + t.system + t.children_user + t.children_system - c0) * 1e3
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--resolution", type=int, default=128, help="frame side of the shards and the pairs")
@@ -77,7 +85,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="digan-bench-data-"))
     results: dict[str, float] = {}
     print(f"demo footage at {args.resolution}px, {args.batch} pairs/batch, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at start")
+          f"load average {os.getloadavg()[0]:.1f} at start; calibration loop {calibration_ms():.0f} CPU-ms "
+          "(~15 on an idle core)")
     server = proc = None
     try:
         for enc in args.encodings.split(","):
@@ -134,7 +143,7 @@ def main() -> None:
         if "s3_jpg_pairs_per_s_per_core" in results:
             r = results["s3_jpg_pairs_per_s_per_core"] / jpg_local
             print(f"target: S3 >= 80% of local: {'met' if r >= 0.8 else 'NOT met'} ({100 * r:.0f}%)")
-    print(f"load average {os.getloadavg()[0]:.1f} at end")
+    print(f"load average {os.getloadavg()[0]:.1f} at end; calibration loop {calibration_ms():.0f} CPU-ms")
     print(json.dumps({k: round(v, 1) for k, v in results.items()}))
 
 

@@ -33,7 +33,7 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from data_shards.records import MANIFEST, SHARD_RE, record_frame_keys
+from data_shards.records import MANIFEST, SHARD_RE, frame_member, record_frame_keys
 from digan.config import DataConfig
 from digan.data.s3 import S3Settings, configure_s3, is_s3, register_gopen, s3_filesystem, strip_scheme
 from digan.data.tar import iter_records
@@ -203,7 +203,7 @@ class _Reader:
                 continue
             with stream:
                 try:
-                    for rec in iter_records(stream, url, self.on_truncated):
+                    for rec in iter_records(stream, url, self.on_truncated, self.select):
                         self.counts["records"] += 1
                         self.errors_in_a_row = 0
                         yield rec
@@ -229,61 +229,97 @@ class _Reader:
 
     # -- records -> samples ------------------------------------------------------------------------
 
-    def _clip_header(self, rec: dict) -> tuple[dict, list[str]] | None:
-        """Metadata and frame members of a complete record, or None (counted) for a bad one."""
+    def _draw_pair(self, length: int) -> tuple[int, int, int]:
+        """(window offset, i0, i1) of a DIGAN pair inside a clip of `length` frames."""
+        n, rng = self.ds.num_frames, self.rng
+        offset = rng.randrange(length - n + 1)  # a random N-window of a longer clip
+        # u1 ~ Beta(2,1), u2 ~ Beta(1,2) by inverting their CDFs (x^2 and 1-(1-x)^2): exact and cheap
+        u1, u2 = math.sqrt(rng.random()), 1.0 - math.sqrt(rng.random())
+        i0, i1 = sorted((min(int(n * u1), n - 1), min(int(n * u2), n - 1)))
+        return offset, i0, i1
+
+    def select(self, rec: dict) -> set[str] | None:
+        """Called by the tar reader right after a record's JSON: which frame members to read at all.
+
+        Pairs: draw the two indices now and read only those two frames (the shuffle buffer then holds
+        2 frames per record, not 16). Clips: the first num_frames frames. None = read everything
+        (mp4, or metadata the decoder will reject and count).
+        """
+        try:
+            meta = json.loads(rec["json"])
+            length, ext = int(meta["num_frames"]), meta.get("encoding", "jpg")
+        except _DECODE_ERRORS:
+            return None
+        if ext == "mp4" or length < self.ds.num_frames:
+            return None
+        if self.ds.mode == "pair":
+            offset, i0, i1 = rec["__pair__"] = self._draw_pair(length)
+            return {frame_member(offset + i0, ext), frame_member(offset + i1, ext)}
+        return {frame_member(i, ext) for i in range(self.ds.num_frames)}
+
+    def _clip_header(self, rec: dict) -> dict | None:
+        """Metadata of a complete record, or None (counted) for a bad one."""
         try:
             meta = json.loads(rec["json"])
             length = int(meta["num_frames"])
         except _DECODE_ERRORS:
             self.counts["skipped_incomplete"] += 1
             return None
-        frames = record_frame_keys(rec)
-        complete = ("mp4" in rec) if meta.get("encoding") == "mp4" else len(frames) == length
+        if meta.get("encoding") == "mp4":
+            complete = "mp4" in rec
+        else:  # frames read plus frames skipped unread must make the whole clip
+            skipped = [k for k in rec.get("__skipped__", ()) if k[:1] == "f" and k[1:5].isdigit()]
+            complete = len(record_frame_keys(rec)) + len(skipped) == length
         if not complete:
             self.counts["skipped_incomplete"] += 1
             return None
         if length < self.ds.num_frames:
             self.counts["skipped_short"] += 1
             return None
-        return meta, frames
+        return meta
 
-    def pair(self, rec: dict):
-        """-> (uint8 [2,R,R,3], dt) or None. Only the two needed frames are decoded."""
-        header = self._clip_header(rec)
-        if header is None:
+    def _frame_into(self, data: bytes, out: np.ndarray) -> None:
+        if self.ds.direct and data[:2] == b"\xff\xd8":
+            img = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)  # straight into the batch
+            if img.shape == out.shape:
+                return
+        out[...] = decode_frame(data, self.ds.resolution)
+
+    def pair(self, rec: dict, out: np.ndarray) -> float | None:
+        """Decode the two frames of a pair into out [2,R,R,3]; -> dt, or None (counted) for a bad record."""
+        meta = self._clip_header(rec)
+        if meta is None:
             return None
-        meta, frames = header
-        n, r = self.ds.num_frames, self.ds.resolution
-        rng = self.rng
-        offset = rng.randrange(int(meta["num_frames"]) - n + 1)  # a random N-window of a longer clip
-        # u1 ~ Beta(2,1), u2 ~ Beta(1,2) by inverting their CDFs (x^2 and 1-(1-x)^2): exact and cheap
-        u1, u2 = math.sqrt(rng.random()), 1.0 - math.sqrt(rng.random())
-        i0, i1 = sorted((min(int(n * u1), n - 1), min(int(n * u2), n - 1)))
+        n, r, ext = self.ds.num_frames, self.ds.resolution, meta.get("encoding", "jpg")
+        offset, i0, i1 = rec.get("__pair__") or self._draw_pair(int(meta["num_frames"]))
         try:
-            if meta.get("encoding") == "mp4":
+            if ext == "mp4":
                 clip = decode_mp4(rec["mp4"], offset + i1, r)
-                pair = np.stack([clip[offset + i0], clip[offset + i1]])
+                out[0], out[1] = clip[offset + i0], clip[offset + i1]
             else:
-                pair = np.stack([decode_frame(rec[frames[offset + i0]], r), decode_frame(rec[frames[offset + i1]], r)])
+                self._frame_into(rec[frame_member(offset + i0, ext)], out[0])
+                self._frame_into(rec[frame_member(offset + i1, ext)], out[1])
         except _DECODE_ERRORS:
             self.counts["skipped_decode"] += 1
             return None
-        return pair, (i1 - i0) / (n - 1)
+        return (i1 - i0) / (n - 1)
 
-    def clip(self, rec: dict):
-        """-> uint8 [T,R,R,3] (the first T = num_frames frames) or None."""
-        header = self._clip_header(rec)
-        if header is None:
-            return None
-        meta, frames = header
-        n, r = self.ds.num_frames, self.ds.resolution
+    def clip(self, rec: dict, out: np.ndarray) -> bool:
+        """Decode the first T = num_frames frames into out [T,R,R,3]; False (counted) for a bad record."""
+        meta = self._clip_header(rec)
+        if meta is None:
+            return False
+        n, r, ext = self.ds.num_frames, self.ds.resolution, meta.get("encoding", "jpg")
         try:
-            if meta.get("encoding") == "mp4":
-                return np.stack(decode_mp4(rec["mp4"], n - 1, r)[:n])
-            return np.stack([decode_frame(rec[k], r) for k in frames[:n]])
+            if ext == "mp4":
+                out[...] = np.stack(decode_mp4(rec["mp4"], n - 1, r)[:n])
+            else:
+                for i in range(n):
+                    self._frame_into(rec[frame_member(i, ext)], out[i])
         except _DECODE_ERRORS:
             self.counts["skipped_decode"] += 1
-            return None
+            return False
+        return True
 
     # -- samples -> batches ------------------------------------------------------------------------
 
@@ -293,30 +329,35 @@ class _Reader:
         return t
 
     def batches(self):
+        """Batches decoded straight into one uint8 array each (no per-sample arrays to stack)."""
         ds = self.ds
-        decode = self.pair if ds.mode == "pair" else self.clip
-        items, keys = [], []
+        r = ds.resolution
+        shape = (ds.batch_size, 2 if ds.mode == "pair" else ds.num_frames, r, r, 3)
+        buf, keys, dts = np.empty(shape, np.uint8), [], []
         for rec in self.shuffled(self.records()):
-            sample = decode(rec)
-            if sample is None:
+            slot = buf[len(keys)]  # a failed decode leaves the slot to the next record
+            if ds.mode == "pair":
+                dt = self.pair(rec, slot)
+                if dt is None:
+                    continue
+                dts.append(dt)
+            elif not self.clip(rec, slot):
                 continue
             self.counts["samples"] += 1
-            items.append(sample)
             keys.append(rec["__key__"])
-            if len(items) == ds.batch_size:
-                yield {"data": self.collate(items), "keys": keys, "counts": self.take_counts()}
-                items, keys = [], []
-        if items and ds.partial:
-            yield {"data": self.collate(items), "keys": keys, "counts": self.take_counts()}
+            if len(keys) == ds.batch_size:
+                yield {"data": self.collate(buf, dts), "keys": keys, "counts": self.take_counts()}
+                buf, keys, dts = np.empty(shape, np.uint8), [], []
+        if keys and ds.partial:
+            yield {"data": self.collate(buf[: len(keys)], dts), "keys": keys, "counts": self.take_counts()}
         yield {"counts": self.take_counts()}  # what was skipped after the last batch
 
-    def collate(self, items):
+    def collate(self, buf: np.ndarray, dts: list[float]):
         if self.ds.mode == "pair":
-            pairs = torch.from_numpy(np.stack([p for p, _ in items]))  # [B,2,H,W,3] uint8
-            pairs = pairs.permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1.0).contiguous()
-            dt = torch.tensor([d for _, d in items], dtype=torch.float32)
-            return pairs, dt
-        return torch.from_numpy(np.stack(items))  # [B,T,H,W,3] uint8
+            # reorder to [B,2,3,H,W] while still uint8 (4x fewer bytes to shuffle), then scale to [-1, 1]
+            x = torch.from_numpy(np.ascontiguousarray(buf.transpose(0, 1, 4, 2, 3)))
+            return x.float().mul_(2.0 / 255.0).sub_(1.0), torch.tensor(dts, dtype=torch.float32)
+        return torch.from_numpy(buf)  # [B,T,H,W,3] uint8
 
 
 class ClipStream(torch.utils.data.IterableDataset):
@@ -324,8 +365,9 @@ class ClipStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shards: list[str], mode: str, resolution: int, num_frames: int, batch_size: int,
                  rank: int, world_size: int, seed: int, resampled: bool, batches_per_worker: int | None,
-                 shuffle_buffer: int, partial: bool, s3: S3Settings, start_epoch: int = 0):
+                 shuffle_buffer: int, partial: bool, s3: S3Settings, start_epoch: int = 0, direct: bool = False):
         super().__init__()
+        self.direct = direct  # the manifest says frames are stored at `resolution`: decode into the batch
         self.shards, self.mode, self.resolution, self.num_frames = shards, mode, resolution, num_frames
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.resampled, self.batches_per_worker = resampled, batches_per_worker
@@ -441,11 +483,13 @@ def _start_method(cfg: DataConfig, shards: list[str]) -> str:
     return method
 
 
-def _check_resolution(manifest: dict | None, resolution: int, location: str) -> None:
+def _check_resolution(manifest: dict | None, resolution: int, location: str) -> bool:
+    """Refuse shards smaller than `resolution`; True when they are exactly at it (fast decode path)."""
     have = (manifest or {}).get("options", {}).get("resolution")
     if have is not None and have < resolution:
         raise ValueError(f"data.source={location!r} holds {have}px clips but the model needs {resolution}px: "
                          f"build shards at --resolution {resolution} (frames are never upscaled)")
+    return have == resolution
 
 
 def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, rank: int = 0, world_size: int = 1,
@@ -462,7 +506,7 @@ def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, r
     s3 = s3_settings(cfg)
     shards = list_shards(location, s3)
     manifest = read_manifest(location, s3)
-    _check_resolution(manifest, resolution, location)
+    direct = _check_resolution(manifest, resolution, location)
     readers = world_size * max(1, cfg.num_workers)
     bpw = None
     if cfg.resampled:
@@ -471,7 +515,7 @@ def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, r
             raise ValueError(f"data.source={location!r} has no manifest.json: set data.epoch_clips")
         bpw = max(1, math.ceil(epoch_clips / (readers * batch_per_worker)))
     ds = ClipStream(shards, "pair", resolution, cfg.num_frames, batch_per_worker, rank, world_size, seed,
-                    cfg.resampled, bpw, cfg.shuffle_buffer, partial=not cfg.resampled, s3=s3)
+                    cfg.resampled, bpw, cfg.shuffle_buffer, partial=not cfg.resampled, s3=s3, direct=direct)
     return StreamLoader(ds, cfg.num_workers, _start_method(cfg, shards))
 
 
@@ -485,7 +529,7 @@ def build_clip_loader(cfg: DataConfig, resolution: int, batch: int, num_frames: 
     location = resolve_source(cfg, resolution)
     s3 = s3_settings(cfg)
     shards = list_shards(location, s3)
-    _check_resolution(read_manifest(location, s3), resolution, location)
+    direct = _check_resolution(read_manifest(location, s3), resolution, location)
     ds = ClipStream(shards, "clip", resolution, num_frames, batch, rank, world_size, seed, False, None,
-                    cfg.shuffle_buffer, partial=True, s3=s3)
+                    cfg.shuffle_buffer, partial=True, s3=s3, direct=direct)
     return StreamLoader(ds, cfg.num_workers, _start_method(cfg, shards))

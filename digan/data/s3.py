@@ -144,9 +144,14 @@ class RetryingS3Reader(io.BufferedIOBase):
         raise AssertionError("unreachable")
 
     def _advance(self) -> bool:
-        """Make the next range current; False at the end of the object."""
-        if self._next is None:
+        """Make the range holding `self.pos` current; False at the end of the object."""
+        pos = self.pos
+        if pos >= self.size:
             return False
+        if self._next is None or not self._next[0] <= pos < self._next[0] + self.chunk_bytes:
+            if self._next is not None:  # a seek beyond the prefetched range: fetch from the new offset
+                self._next[1].cancel()
+            self._next = self._submit(pos)
         start, fut = self._next
         first = [fut]
 
@@ -165,13 +170,27 @@ class RetryingS3Reader(io.BufferedIOBase):
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Move the read position; data is fetched only when read (skipping is free inside a range)."""
+        target = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
+        if target < 0:
+            raise ValueError(f"negative seek position {target}")
+        self.pos = target
+        return target
+
     def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:
-            n = self.size - self.pos
+            n = max(0, self.size - self.pos)
         out = []
         while n > 0:
             off = self.pos - self._buf_start
-            if off >= len(self._buf):
+            if not 0 <= off < len(self._buf):
                 if not self._advance():
                     break
                 continue
