@@ -245,6 +245,13 @@ def main(argv=None) -> int:
         storage_path = str(Path(base.train.storage_path) / "sweeps")
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).expanduser().resolve())
+    if args.max_kimg is not None and args.max_kimg <= 0 or args.grace_kimg is not None and args.grace_kimg <= 0:
+        print("sweep error: --max-kimg and --grace-kimg must be > 0", file=sys.stderr)
+        return 2
+    if (args.grace_kimg or 0) > (args.max_kimg or base.train.total_kimg):
+        print(f"sweep error: --grace-kimg={args.grace_kimg} exceeds the trial length "
+              f"({args.max_kimg or base.train.total_kimg} kimg)", file=sys.stderr)
+        return 2
     if base.metrics.metrics == []:
         print("sweep error: metrics.metrics is empty: the sweep needs a metric reported during training", file=sys.stderr)
         return 2

@@ -50,6 +50,9 @@ def test_bad_search_space_fails_with_one_line(tmp_path):
     p = subprocess.run(_cmd(tmp_path, "--param", "loss.r1_gamma=loguniform:0:30", "--dry-run"),
                        capture_output=True, text=True, env=_env(tmp_path), timeout=120)
     assert p.returncode == 2 and "log-uniform needs low > 0" in p.stderr
+    p = subprocess.run(_cmd(tmp_path, "--grace-kimg", "1", "--dry-run"),
+                       capture_output=True, text=True, env=_env(tmp_path), timeout=120)
+    assert p.returncode == 2 and "exceeds the trial length" in p.stderr
 
 
 def test_dry_run_prints_space(tmp_path):
@@ -107,7 +110,7 @@ def test_sweep_asha_failed_trial_and_best_yaml_trains(tmp_path):
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     name, sweep_dir = "t2", tmp_path / "runs" / "sweeps" / "t2"
-    cmd = _cmd(tmp_path, "--num-samples", "3", "--name", name, "--seed", "1", "--grace-kimg", "1")
+    cmd = _cmd(tmp_path, "--num-samples", "3", "--name", name, "--seed", "1", "--grace-kimg", "0.096")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(tmp_path),
                             start_new_session=True)
 
