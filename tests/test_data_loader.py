@@ -224,9 +224,12 @@ def test_tar_reader_names_formats_and_damage(fmt):
     assert [r["__key__"] for r in recs] == [f"{long_dir}/c0_0000", "c1_0000"]
     assert sorted(recs[1]) == ["__key__", "__url__", "f0000.jpg", "json"]  # suffixes lower-cased
     broken = bytearray(raw)
-    broken[100] ^= 0x01  # a flipped bit in the first header's mode field
+    broken[258] ^= 0x01  # a damaged magic: the header's checksum is verified and fails
     with pytest.raises(TarError, match="checksum"):
         list(iter_members(io.BytesIO(bytes(broken))))
+    misaligned = raw[:512] + raw[700:]  # a header followed by bytes from the middle of its data
+    with pytest.raises(TarError):
+        list(iter_members(io.BytesIO(misaligned)))
     with tarfile.open(fileobj=io.BytesIO(raw)) as t:
         last = t.getmembers()[-1]
     cut = []  # cut inside the last member's data: record c1 is incomplete and handed over, not yielded
