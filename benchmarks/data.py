@@ -139,7 +139,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     jpg_local = results.get("local_jpg_pairs_per_s_per_core")
     if jpg_local:
-        print(f"target: >= 1000 pairs/s per core locally: {'met' if jpg_local >= 1000 else 'NOT met'} ({jpg_local:.0f})")
+        verdict = "met" if jpg_local >= 1000 else "NOT met"
+        print(f"target: >= 1000 pairs/s per core locally: {verdict} ({jpg_local:.0f})")
         if "s3_jpg_pairs_per_s_per_core" in results:
             r = results["s3_jpg_pairs_per_s_per_core"] / jpg_local
             print(f"target: S3 >= 80% of local: {'met' if r >= 0.8 else 'NOT met'} ({100 * r:.0f}%)")

@@ -31,7 +31,7 @@ from digan.data.s3 import S3Settings
 def detect_layout(root: str, split: str) -> str:
     """ucf101 if the official split files are there, frames if `<root>/<split>/<video>/` holds images, else videos."""
     r = Path(root)
-    if (r / "ucfTrainTestlist" / "classInd.txt").exists() or (r / "train" / "ucfTrainTestlist" / "classInd.txt").exists():
+    if any((d / "ucfTrainTestlist" / "classInd.txt").exists() for d in (r, r / "train")):
         return "ucf101"
     split_dirs = [r / split] if split != "all" else [p for p in r.iterdir() if p.is_dir()]
     for d in split_dirs:

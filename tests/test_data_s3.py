@@ -54,7 +54,8 @@ def test_build_to_s3_and_stream_back_byte_identical(s3_env, real_videos, tmp_pat
     fs = s3fs.S3FileSystem(skip_instance_cache=True)  # from the AWS_* environment of s3_env
     assert fs.cat_file(f"{s3_env.bucket}/jpg/shard-000003.tar") == (tmp_path / "jpg" / "shard-000003.tar").read_bytes()
 
-    # Decoded frames streamed from S3 by two forked workers (after this process used s3fs) equal the local ones, byte for byte.
+    # Frames streamed from S3 by two forked workers (forked after this process used s3fs) equal the
+    # local ones, byte for byte.
     cfg_s3 = DataConfig(source=s3_env.url("jpg"), num_workers=2, resampled=False, shuffle_buffer=8)
     cfg_local = DataConfig(source=str(tmp_path / "jpg"), num_workers=0, resampled=False, shuffle_buffer=0)
     remote = build_clip_loader(cfg_s3, 32, 4, num_frames=16, seed=1)
