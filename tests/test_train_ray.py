@@ -258,23 +258,27 @@ def test_one_and_two_workers_take_the_same_step(ray_cluster, tmp_path):
 
 
 def _kill_one_worker_after(cluster: Cluster, run_dir: Path, step: int, killed: dict) -> None:
+    """Find the two Train workers' PIDs, then SIGKILL one the moment checkpoint `step` is complete."""
     from ray.util.state import list_actors
 
     deadline = time.monotonic() + 600
+    pids: list[int] = []
+    while len(pids) < 2 and time.monotonic() < deadline:
+        workers = list_actors(address=cluster.dashboard_url,
+                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        pids = sorted(int(a.pid) for a in workers)
+        time.sleep(0.5)
     target = run_dir / ckpt.checkpoint_name(step) / ckpt.GENERATOR_FILE
     while time.monotonic() < deadline and not target.exists():
-        time.sleep(0.2)
-    workers = list_actors(address=cluster.dashboard_url,
-                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    pid = sorted(int(a.pid) for a in workers)[-1]
-    os.kill(pid, signal.SIGKILL)
-    killed["pid"] = pid
+        time.sleep(0.05)
+    os.kill(pids[-1], signal.SIGKILL)
+    killed["pid"] = pids[-1]
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tmp_path):
     from digan.train import launch
 
-    target, every = 8, 2
+    target, every = 10, 2
     cfg = tiny_config(f"train.total_kimg={target * BATCH / 1000}", f"train.checkpoint_kimg={every * BATCH / 1000}",
                       "dist.max_failures=2", f"train.storage_path={tmp_path}", "train.run_name=kill",
                       "train.keep_checkpoints=2")

@@ -244,14 +244,20 @@ class RunLogger:
         self.cfg, self.enabled = cfg, enabled
         self.fs, self.run_fs_path = storage.storage_filesystem, storage.experiment_fs_path
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        self._tb = None
+        if not enabled:
+            return
         if self.is_local:
             self.dir = Path(self.run_fs_path)
-        else:
-            self.dir = Path(tempfile.gettempdir()) / "digan-run-staging" / cfg.train.run_name
-        self._tb = None
-        if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "config.yaml").write_text(_yaml(cfg))
+        else:
+            # A fresh staging folder per attempt, seeded with the stored stats.jsonl so that a resumed run
+            # appends to it (it holds the lines up to the last checkpoint, like the checkpoint itself).
+            self.dir = Path(tempfile.mkdtemp(prefix=f"digan-run-{cfg.train.run_name}-"))
+            stats = f"{self.run_fs_path}/stats.jsonl"
+            if self.fs.get_file_info(stats).type == pafs.FileType.File:
+                pafs.copy_files(stats, str(self.dir / "stats.jsonl"), source_filesystem=self.fs)
+        (self.dir / "config.yaml").write_text(_yaml(cfg))
 
     @property
     def tb(self):
@@ -317,6 +323,8 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self.enabled and not self.is_local:
+            shutil.rmtree(self.dir, ignore_errors=True)  # everything that counts was synced at the checkpoints
 
 
 def _yaml(cfg: Config) -> str:
