@@ -419,7 +419,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     total_nimg = int(round(cfg.train.total_kimg * 1000))
     batches = _endless(loader)
     window = _Window()
-    metrics_cache: dict[str, Any] = {}
     try:
         while state.cur_nimg < total_nimg:
             t0 = time.perf_counter()
@@ -433,7 +432,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             stop = stopper.should_stop()
             done = state.cur_nimg >= total_nimg
             due_ckpt = done or stop or _crossed(prev_nimg, state.cur_nimg, cfg.train.checkpoint_kimg)
-            due_log = due_ckpt or state.step % cfg.train.log_every_steps == 0
+            due_metrics = bool(cfg.metrics.metrics) and not stop and (
+                done or _crossed(prev_nimg, state.cur_nimg, cfg.metrics.interval_kimg))
+            due_log = due_ckpt or due_metrics or state.step % cfg.train.log_every_steps == 0
             if (done or _crossed(prev_nimg, state.cur_nimg, cfg.train.sample_kimg)) and not stop:
                 logger.write_samples(rt.G_ema, state.step)
             if not due_log:
@@ -447,9 +448,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 raise FloatingPointError(f"training diverged: non-finite {', '.join(bad)} around step {state.step} "
                                          f"(kimg {state.cur_nimg / 1000:.3f}); lower optim.lr or loss.r1_gamma")
             metrics.update(step=state.step, kimg=state.cur_nimg / 1000, restarts=len(state.resumed_from))
-            if cfg.metrics.metrics and not stop and (
-                    done or _crossed(prev_nimg, state.cur_nimg, cfg.metrics.interval_kimg)):
-                metrics.update(_compute_metrics(cfg, rt, rank, world_size, metrics_cache))
+            if due_metrics:
+                metrics.update(_compute_metrics(cfg, rt, rank, world_size))
             logger.log(state.step, metrics)
             if due_ckpt:
                 state.stopped_by_signal = stop
@@ -501,8 +501,12 @@ class _Window:
         return out
 
 
-def _compute_metrics(cfg: Config, rt: GANRuntime, rank: int, world_size: int, cache: dict) -> dict[str, float]:
-    """The configured metrics of G_ema on every rank (work and real clips split over ranks; same dict on all)."""
+def _compute_metrics(cfg: Config, rt: GANRuntime, rank: int, world_size: int) -> dict[str, float]:
+    """The configured metrics of G_ema on every rank (work and real clips split over ranks; same dict on all).
+
+    Real-clip features are cached in memory by `compute_metrics` under the dataset key, so only the
+    first evaluation of a worker process reads real clips.
+    """
     from digan.data import build_clip_loader
     from digan.metrics import compute_metrics
 
