@@ -83,6 +83,15 @@ def _resolve_device(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Evaluate as the CLI says; returns the report. No autograd inside, restored on return (callers and tests
+    that run it in-process keep their grad mode)."""
+    import torch
+
+    with torch.no_grad():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict:
     """Resolve the plan, then (unless --dry-run) compute the metrics; returns the report."""
     import torch
 
@@ -142,7 +151,6 @@ def run(args: argparse.Namespace) -> dict:
 
     from digan.data import build_clip_loader
 
-    torch.set_grad_enabled(False)
     G = G.to(device)
     batch = args.batch_size
     data_cfg = cfg.data
