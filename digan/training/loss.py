@@ -117,7 +117,6 @@ class DIGANLoss:
 
         frames_aug [2N, 3, H, W] is the exact tensor D_I saw (R1 of D_I is taken w.r.t. it).
         """
-        n, _, h, w = x.shape
         dtype = _dtype_of(D_mot)
         pair = self.augment(x[:, :6].unflatten(1, (2, 3)))
         x_aug = torch.cat([pair.flatten(1, 2), x[:, 6:]], dim=1)  # the Δt plane is not augmented
@@ -132,6 +131,8 @@ class DIGANLoss:
 
         real_pair [B, 2, 3, H, W] in [-1, 1] (earlier frame first), real_dt [B] = index gap / (N - 1).
         G is only run forward, without building a graph: D's step must not touch G's gradients.
+        Stats: loss_D is the adversarial part; on R1 steps r1 = gamma/2 (|∇_M|² + |∇_I|²) before the
+        interval scaling, r1_penalty_{M,I} the raw mean squared gradient norms.
         """
         batch_size = real_pair.shape[0]
         with torch.no_grad():
