@@ -13,6 +13,7 @@ from digan.config import load_config
 from digan.generate import render_chunks, seed_latents
 from digan.models import (build_discriminators, build_generator, find_generator_file, load_generator,
                           motion_input, save_generator)
+from digan.models.layers import Conv2dLayer, _use_winograd, conv3x3_winograd
 
 # Official parameter counts (reference report §1.5, built from the official code at HEAD e822320).
 OFFICIAL_G = 63_538_706
@@ -248,6 +249,57 @@ def test_discriminator_double_backward_for_r1():
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(D, (x,), fast_mode=True)
     assert torch.autograd.gradgradcheck(D, (x,), fast_mode=True)
+
+
+def test_winograd_conv_matches_direct_conv():
+    """F(4x4, 3x3) Winograd == conv2d(padding=1): values, 1st and 2nd derivatives (R1 needs the 2nd)."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(conv3x3_winograd(x, w), F.conv2d(x, w, padding=1), rtol=1e-10, atol=1e-10)
+    x, w = x[:1, :2, :4].detach().requires_grad_(), w[:2, :2].detach().requires_grad_()
+    assert torch.autograd.gradcheck(conv3x3_winograd, (x, w), fast_mode=True)
+    assert torch.autograd.gradgradcheck(conv3x3_winograd, (x, w), fast_mode=True)
+    # float32 at a D-like width: error of the order of F.conv2d's own
+    x = torch.randn(2, 384, 16, 16)
+    w = torch.randn(384, 384, 3, 3) / math.sqrt(384 * 9)
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    err = (conv3x3_winograd(x, w).double() - exact).abs().max() / exact.abs().max()
+    assert err < 1e-4
+
+
+def test_discriminator_with_winograd_layers_matches_official_and_r1():
+    """A D wide enough (384 channels at 16x16) to take the Winograd path: same logits as the official
+    forward, and the same R1 penalty and R1 weight gradients as with F.conv2d."""
+    cfg = load_config("demo-32", ["model.resolution=16", "model.input_resolution=8", "model.extra_conv_resolutions=[]",
+                                  "model.d_channel_base=6144", "model.d_channel_max=384"]).model
+    torch.manual_seed(6)
+    D = build_discriminators(cfg)[0]
+    x = torch.randn(4, 3, 16, 16)
+    assert _use_winograd(torch.empty(4, 384, 16, 16), D.blocks["b16"].conv0.weight)
+
+    def r1(winograd: bool):
+        Conv2dLayer.winograd = winograd
+        try:
+            D.zero_grad()
+            real = x.clone().requires_grad_(True)
+            logits = D(real)
+            (g,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
+            penalty = g.square().sum([1, 2, 3]).mean()
+            penalty.backward()
+            # (the output bias does not reach the input gradient: its grad stays None)
+            return logits.detach(), penalty.detach(), [p.grad for p in D.parameters() if p.grad is not None]
+        finally:
+            Conv2dLayer.winograd = True
+
+    with torch.no_grad():
+        torch.testing.assert_close(D(x), ref_discriminator(D, x), rtol=1e-4, atol=1e-4)
+    (l_w, p_w, g_w), (l_d, p_d, g_d) = r1(True), r1(False)
+    assert len(g_w) == len(g_d) == len(list(D.parameters())) - 1
+    torch.testing.assert_close(l_w, l_d, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(p_w, p_d, rtol=1e-3, atol=1e-7)
+    for a, b in zip(g_w, g_d):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3 * b.abs().max().item() + 1e-9)
 
 
 def test_mapping_tracks_w_avg_only_in_training(small):

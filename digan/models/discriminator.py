@@ -12,7 +12,7 @@ conv 3x3 (C + 1 -> C), FC (16 C -> C), FC (C -> 1).
 
 Precision: on CUDA the top `d_fp16_resolutions` blocks run in fp16 and every conv output is clamped to
 +-conv_clamp (official: 4 blocks, clamp 256). On CPU everything stays fp32 without clamping (CPU fp16
-convolutions are slow and the clamp only guards fp16 overflow). Activations are channels_last throughout.
+convolutions are slow and the clamp only guards fp16 overflow). Activations stay NCHW (see Conv2dLayer).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Discriminator(nn.Module):
         img_cuda = img.is_cuda
         clamp = self.conv_clamp if img_cuda and self.conv_clamp > 0 else None
         x = None
-        img = img.contiguous(memory_format=torch.channels_last)
+        img = img.contiguous()
         for block in self.blocks.values():
             x = block(x, img, img_cuda, clamp)
             img = None  # only the first block reads the image
