@@ -473,7 +473,7 @@ class _Window:
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self.steps, self.t_data, self.t0 = 0, 0.0, time.perf_counter()
+        self.steps, self.t_data, self.t0, self.cpu0 = 0, 0.0, time.perf_counter(), time.process_time()
 
     def add(self, stats: dict[str, torch.Tensor], t_data: float, _t_step: float) -> None:
         for k, v in stats.items():
@@ -491,6 +491,9 @@ class _Window:
         local = {k: v / self.counts[k] for k, v in zip(keys, values)}
         local["it_per_s"] = self.steps / wall
         local["data_wait_frac"] = self.t_data / wall
+        # CPU seconds this worker process used per wall second (all its threads; not DataLoader children):
+        # below cpus_per_worker on a CPU run means the worker waited (data, collectives or other processes).
+        local["cpu_util"] = (time.process_time() - self.cpu0) / wall
         out = dist_mean(local)
         out.pop("kimg", None)  # the recipe's kimg is per step; the caller sets the exact counter
         out["samples_per_s"] = out["it_per_s"] * global_batch
