@@ -233,6 +233,41 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
                 raise TimeoutError(f"job {jid} still {info['JobState']} after {timeout_s} s")
             time.sleep(poll_s)
 
+    def steps_alive(self, jid: int) -> list[str]:
+        """This job's slurmstepd processes on the node ("slurmstepd: [<jid>.batch]", "[<jid>.0]", ...)."""
+        marker, found = f"[{jid}.".encode(), []
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if cmd.startswith(b"slurmstepd") and marker in cmd:
+                found.append(f"{pid} {cmd.decode(errors='replace').strip()}")
+        return found
+
+    def wait_steps_gone(self, jid: int, timeout_s: float = 120) -> None:
+        """Until the node holds nothing of this job. A requeued job keeps its id: released before the old
+        instance's slurmstepd has exited, slurmd refuses the launch ("already running") and the job FAILs
+        with RunTime 0. Slurm's own requeue hold (BeginTime ~2 min) covers this; a test that releases the
+        job early must wait for it itself."""
+        t_end = time.monotonic() + timeout_s
+        while (alive := self.steps_alive(jid)) or "COMPLETING" in self.job(jid).get("JobState", ""):
+            if time.monotonic() > t_end:
+                raise TimeoutError(f"job {jid}: still on the node after {timeout_s} s: {alive}")
+            time.sleep(0.25)
+
+    def log_tail(self, jid: int, lines: int = 40) -> str:
+        """The lines of slurmctld's and slurmd's logs that name this job (for failure messages)."""
+        out = []
+        for name in ("slurmctld", "slurmd"):
+            p = self.root / "log" / f"{name}.log"
+            text = p.read_text(errors="replace").splitlines() if p.exists() else []
+            hits = [ln for ln in text if str(jid) in ln][-lines:]
+            out.append(f"--- {name}.log ({len(hits)} lines naming job {jid}):\n" + "\n".join(hits))
+        return "\n".join(out)
+
     def wait(self, jid: int, timeout_s: float) -> dict[str, str]:
         """Wait for a terminal state (COMPLETED, FAILED, CANCELLED, TIMEOUT, ...)."""
         return self.wait_state(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",

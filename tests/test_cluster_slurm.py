@@ -63,7 +63,8 @@ def _log(tmp: Path, jid: int) -> str:
 
 
 def _fail(slurm, tmp: Path, jid: int, why: str):
-    pytest.fail(f"{why}\n--- job {jid}: {slurm.job(jid)}\n--- batch log:\n{_log(tmp, jid)[-6000:]}")
+    pytest.fail(f"{why}\n--- job {jid}: {slurm.job(jid)}\n--- batch log:\n{_log(tmp, jid)[-6000:]}\n"
+                f"{slurm.log_tail(jid)}")
 
 
 def _checkpoints(run_dir: Path) -> dict[int, Path]:
@@ -186,6 +187,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
                            weights_only=True)
     assert stop_ckpt["stopped_by_signal"] is True and stop_ckpt["step"] == stop_step
     assert _job_processes(jid) == []  # Ray was stopped before the requeue
+    slurm.wait_steps_gone(jid)
     slurm.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"])
 
     info = slurm.wait(jid, timeout_s=480)
