@@ -13,7 +13,7 @@ from digan.config import load_config
 from digan.generate import render_chunks, seed_latents
 from digan.models import (build_discriminators, build_generator, find_generator_file, load_generator,
                           motion_input, save_generator)
-from digan.models.layers import Conv2dLayer, _use_winograd, conv3x3_winograd
+from digan.models.layers import Conv2dLayer, _use_winograd, conv3x3_winograd, fir_filter, fir_filter_2d
 
 # Official parameter counts (reference report §1.5, built from the official code at HEAD e822320).
 OFFICIAL_G = 63_538_706
@@ -249,6 +249,31 @@ def test_discriminator_double_backward_for_r1():
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(D, (x,), fast_mode=True)
     assert torch.autograd.gradgradcheck(D, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("shape,pad,stride", [((8, 8), 2, 1), ((8, 8), 1, 2), ((9, 7), 2, 1), ((9, 7), 1, 2)])
+def test_fir_filter_matches_depthwise_conv_to_second_order(shape, pad, stride):
+    """The hand-written FIR adjoint == autograd of the depthwise conv: values, 1st and 2nd derivatives,
+    also on odd sizes where the transposed conv needs output padding."""
+    torch.manual_seed(7)
+    f = fir_filter_2d().double().expand(3, 1, 4, 4).contiguous()
+    x = torch.randn(2, 3, *shape, dtype=torch.float64, requires_grad=True)
+
+    def ref(x):
+        return F.conv2d(x, f, stride=stride, padding=pad, groups=3)
+
+    def ours(x):
+        return fir_filter(x, f, pad, stride)
+
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(ours, (x,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda x: ours(x) ** 2, (x,), fast_mode=True)
+    # R1-like: the gradient of a squared input-gradient norm, against autograd's own double backward
+    g_ours = torch.autograd.grad((ours(x) ** 3).sum(), x, create_graph=True)[0]
+    g_ref = torch.autograd.grad((ref(x) ** 3).sum(), x, create_graph=True)[0]
+    torch.testing.assert_close(g_ours, g_ref)
+    torch.testing.assert_close(torch.autograd.grad(g_ours.square().sum(), x)[0],
+                               torch.autograd.grad(g_ref.square().sum(), x)[0])
 
 
 def test_winograd_conv_matches_direct_conv():
