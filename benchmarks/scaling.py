@@ -12,6 +12,13 @@ workers = samples/s(N) / (N x samples/s(1)); the target is >= 85 % from 1 to 2.
 
 On a shared CPU machine the figures move with the load of other processes: the script prints the load
 average before and after each row, and each worker gets `--threads` intra-op threads.
+
+The machine's own ceiling (CPU): N cores are rarely N times one core (shared caches and memory bandwidth,
+turbo clocks that drop as more cores work, a VM's vCPUs). `--ceiling-steps` measures it with no
+distributed code at all: the same per-worker training step (plain PyTorch, digan.training) in one
+process alone, then in N independent processes at once, alternated `--ceiling-rounds` times. N copies
+that never talk reach ceiling x N x one copy; the workers' efficiency is then also reported relative
+to that ceiling, which is what the distributed code itself costs.
 """
 
 from __future__ import annotations
@@ -68,6 +75,54 @@ def run_row(args: argparse.Namespace, num_workers: int, storage: str) -> dict:
             "windows": len(windows), "wall_s": wall, "load_before": before, "load_after": load_avg()}
 
 
+def ceiling_worker(args: argparse.Namespace) -> None:
+    """One independent copy of a worker's step (no Ray, no DeepSpeed); prints its it/s as JSON."""
+    import torch
+
+    from digan.training import SingleProcessTrainer, d_step, g_step
+
+    torch.set_num_threads(args.threads)
+    b = args.batch_per_worker
+    cfg = load_config(args.preset, [f"train.batch_size={b}", "dist.num_workers=1"] + args.overrides)
+    tr = SingleProcessTrainer(cfg, torch.device("cpu"), seed=0)
+    res = cfg.model.resolution
+    real, dt = torch.rand(b, 2, 3, res, res) * 2 - 1, torch.rand(b)
+
+    def step(i: int) -> None:
+        d_step(tr.G, tr.D.img, tr.D.mot, tr.d_updater, tr.loss, real, dt, tr.loss.r1_due(i))
+        g_step(tr.G, tr.D.img, tr.D.mot, tr.g_updater, tr.loss, b)
+        tr.ema.update(tr.G, (i + 1) * b)
+
+    for i in range(3):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(args.ceiling_steps):
+        step(i)
+    print(json.dumps({"it_per_s": args.ceiling_steps / (time.perf_counter() - t0)}), flush=True)
+
+
+def measure_ceiling(args: argparse.Namespace, n: int) -> tuple[float, list[float]]:
+    """(mean it/s of one copy alone, mean it/s per copy with n copies at once), over the rounds."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--ceiling-worker", "--preset", args.preset, "--batch-per-worker",
+           str(args.batch_per_worker), "--threads", str(args.threads), "--ceiling-steps", str(args.ceiling_steps),
+           *args.overrides]
+
+    def run(copies: int) -> list[float]:
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(copies)]
+        outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            raise SystemExit("ceiling measurement failed")
+        return [json.loads(o.strip().splitlines()[-1])["it_per_s"] for o in outs]
+
+    alone, together = [], []
+    for _ in range(args.ceiling_rounds):
+        alone += run(1)
+        together += run(n)
+    return statistics.mean(alone), together
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="demo-32")
@@ -79,8 +134,15 @@ def main() -> int:
     p.add_argument("--data-workers", type=int, default=1, help="DataLoader processes per worker")
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--ceiling-steps", type=int, default=30,
+                   help="steps per copy for the machine's ceiling on CPU (0 = skip it)")
+    p.add_argument("--ceiling-rounds", type=int, default=2, help="alone / together alternations for the ceiling")
+    p.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)  # internal: one copy
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="more config overrides")
     args = p.parse_args()
+    if args.ceiling_worker:
+        ceiling_worker(args)
+        return 0
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     import torch
@@ -113,6 +175,22 @@ def main() -> int:
     print("(efficiency = samples/s(N) / (N x samples/s(1)), the target figure. The CPU-normalised one divides by\n"
           " the CPU time the workers actually got: on a machine shared with other jobs it estimates the parallel\n"
           " overhead (communication, duplicated work) that an idle machine would show; it does not see waits.)")
+    ceilings = {}
+    if device.startswith("CPU") and args.ceiling_steps > 0:
+        print(f"\nthe machine's ceiling: independent copies of one worker's step (no Ray, no DeepSpeed, "
+              f"{args.threads} thread(s) each), {args.ceiling_rounds} rounds")
+        for r in rows:
+            n = r["workers"]
+            if n == base["workers"]:
+                continue
+            alone, together = measure_ceiling(args, n)
+            ceiling = statistics.mean(together) / alone
+            ceilings[n] = ceiling
+            r["ceiling"] = ceiling
+            r["efficiency_vs_ceiling"] = r["efficiency"] / ceiling
+            print(f"  {n} copies at once: {', '.join(f'{x:.2f}' for x in together)} it/s each vs {alone:.2f} alone "
+                  f"-> ceiling {100 * ceiling:.1f} % of {n} x one copy; the {n}-worker run reaches "
+                  f"{100 * r['efficiency']:.1f} % = {100 * r['efficiency_vs_ceiling']:.1f} % of that ceiling")
     print(json.dumps({"rows": rows}))
     return 0
 
