@@ -3,7 +3,7 @@
 Pipeline of one reader (a DataLoader worker of one rank):
 
     shard URLs -> [resampled: draw with replacement | once: epoch permutation, rank slice, worker slice]
-      -> webdataset gopen (files, pipe:, http:, s3: via s3fs) -> tar records (digan.data.tar)
+      -> webdataset gopen (files, pipe:, http:, s3: digan.data.s3) -> tar records (digan.data.tar)
       -> shuffle buffer -> decode (2 frames, or a whole clip) -> batches
 
 The rank/worker split is webdataset's split_by_node + split_by_worker, driven by the explicit rank

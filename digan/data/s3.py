@@ -1,10 +1,12 @@
 """S3 access for shards: one s3fs per process, path-style addressing, retries with exponential backoff.
 
 `register_gopen()` (called when `digan.data.loader` is imported) puts `s3://` in webdataset's
-`gopen_schemes`, so shard URLs like `s3://bucket/prefix/shard-000000.tar` open through s3fs. This module
-imports neither torch nor webdataset, so the shard builder's worker processes stay light.
+`gopen_schemes`, so shard URLs like `s3://bucket/prefix/shard-000000.tar` open as a `RetryingS3Reader`:
+s3fs for the HEAD (and for listing, the manifest and the builder's uploads), the shard bytes as
+prefetched ranged GETs on botocore's synchronous client (`_RangeFetcher`, cheaper per MiB than aiohttp).
+This module imports neither torch nor webdataset, so the shard builder's worker processes stay light.
 
-Why one filesystem per process: an `S3FileSystem` used before a fork is not fork-safe (its aiohttp
+Why one filesystem (and one range client) per process: an `S3FileSystem` used before a fork is not fork-safe (its aiohttp
 session belongs to the parent's event loop), so it is built lazily, cached by PID, bypassing fsspec's
 instance cache; fsspec itself resets its event-loop thread in a forked child. DataLoader workers may
 therefore be forked after the parent listed the bucket.
