@@ -73,6 +73,21 @@ def _mem_mb() -> int:
     raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
+def live_processes(environ_marker: bytes | None = None):
+    """(pid, cmdline with NULs as spaces) of every live process; with `environ_marker`, only those whose
+    environment holds that exact `KEY=value` entry. Processes that vanish while being read are skipped."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if environ_marker is not None:
+                if environ_marker not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    continue
+            yield pid, Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+
+
 def parse_job(text: str) -> dict[str, str]:
     """`scontrol show job -o` output -> {field: value} (first record)."""
     out: dict[str, str] = {}
@@ -235,17 +250,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
     def steps_alive(self, jid: int) -> list[str]:
         """This job's slurmstepd processes on the node ("slurmstepd: [<jid>.batch]", "[<jid>.0]", ...)."""
-        marker, found = f"[{jid}.".encode(), []
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if cmd.startswith(b"slurmstepd") and marker in cmd:
-                found.append(f"{pid} {cmd.decode(errors='replace').strip()}")
-        return found
+        marker = f"[{jid}.".encode()
+        return [f"{pid} {cmd.decode(errors='replace').strip()}" for pid, cmd in live_processes()
+                if cmd.startswith(b"slurmstepd") and marker in cmd]
 
     def wait_steps_gone(self, jid: int, timeout_s: float = 120) -> None:
         """Until the node holds nothing of this job. A requeued job keeps its id: released before the old

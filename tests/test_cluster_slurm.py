@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slurm_fixture import free_port_block, slurm  # noqa: F401  (the session fixture)
+from slurm_fixture import free_port_block, live_processes, slurm  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -78,18 +78,7 @@ def _checkpoints(run_dir: Path) -> dict[int, Path]:
 
 def _job_processes(jid: int) -> list[str]:
     """Live processes whose environment carries this job's Ray temp dir (every Ray process of the job)."""
-    marker = f"RAY_TMPDIR=/tmp/ray-{jid}".encode()
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]
-                found.append(f"{pid} {cmdline!r}")
-        except OSError:
-            continue
-    return found
+    return [f"{pid} {cmd[:120]!r}" for pid, cmd in live_processes(f"RAY_TMPDIR=/tmp/ray-{jid}".encode())]
 
 
 def _http_status(url: str, token: str | None) -> int:

@@ -6,10 +6,10 @@ s3fs for the HEAD (and for listing, the manifest and the builder's uploads), the
 prefetched ranged GETs on botocore's synchronous client (`_RangeFetcher`, cheaper per MiB than aiohttp).
 This module imports neither torch nor webdataset, so the shard builder's worker processes stay light.
 
-Why one filesystem (and one range client) per process: an `S3FileSystem` used before a fork is not fork-safe (its aiohttp
-session belongs to the parent's event loop), so it is built lazily, cached by PID, bypassing fsspec's
-instance cache; fsspec itself resets its event-loop thread in a forked child. DataLoader workers may
-therefore be forked after the parent listed the bucket.
+Why one filesystem (and one range client) per process: an `S3FileSystem` used before a fork is not
+fork-safe (its aiohttp session belongs to the parent's event loop), so it is built lazily, cached by PID,
+bypassing fsspec's instance cache; fsspec itself resets its event-loop thread in a forked child.
+DataLoader workers may therefore be forked after the parent listed the bucket.
 
 The endpoint and region come from `S3Settings` (filled from DataConfig), else from the standard AWS
 environment/config chain (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, ~/.aws/...).
@@ -49,6 +49,11 @@ def is_s3(url: str) -> bool:
     return str(url).startswith("s3://")
 
 
+def _endpoint(settings: S3Settings) -> str | None:
+    """The endpoint to use: the settings', else AWS_ENDPOINT_URL(_S3), else None (AWS itself)."""
+    return settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def s3_filesystem(settings: S3Settings | None = None):
     """The s3fs filesystem of this process for `settings` (built on first use in each process)."""
     import s3fs
@@ -57,10 +62,9 @@ def s3_filesystem(settings: S3Settings | None = None):
     key = (os.getpid(), settings)
     fs = _fs_cache.get(key)
     if fs is None:
-        endpoint = settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         client_kwargs = {"region_name": settings.region} if settings.region else {}
         fs = s3fs.S3FileSystem(
-            endpoint_url=endpoint or None,
+            endpoint_url=_endpoint(settings),
             client_kwargs=client_kwargs,
             # Path-style works with every S3-compatible server (SeaweedFS, MinIO, Ceph) and with AWS.
             config_kwargs={"s3": {"addressing_style": "path"}, "connect_timeout": 10, "read_timeout": 60,
@@ -122,12 +126,11 @@ class _RangeFetcher:
         import botocore.session
         from concurrent.futures import ThreadPoolExecutor
 
-        endpoint = settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         session = botocore.session.Session(profile=settings.profile)
         config = botocore.config.Config(
             s3={"addressing_style": "path"}, connect_timeout=10, read_timeout=60,
             retries={"max_attempts": settings.max_retries + 1, "mode": "standard"}, max_pool_connections=4)
-        self.client = session.create_client("s3", endpoint_url=endpoint or None, region_name=settings.region,
+        self.client = session.create_client("s3", endpoint_url=_endpoint(settings), region_name=settings.region,
                                             config=config)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digan-s3")
         self.settings = settings
@@ -231,12 +234,8 @@ class RetryingS3Reader(io.RawIOBase):
         start, fut = self._next
         first = [fut]
 
-        def get():
-            f = first.pop() if first else self._submit(start)[1]  # a retry fetches the range again
-            data = f.result()
-            if len(data) != min(self.chunk_bytes, self.size - start):
-                raise ConnectionError(f"short range read: {len(data)} bytes at {start}")
-            return data
+        def get():  # `fetch` returns the whole range or raises; a retry fetches the range again
+            return (first.pop() if first else self._submit(start)[1]).result()
 
         self._buf = self._retrying(get, start)
         self._buf_start = start
@@ -262,19 +261,10 @@ class RetryingS3Reader(io.RawIOBase):
 
     def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:
-            n = max(0, self.size - self.pos)
-        out = []
-        while n > 0:
-            off = self.pos - self._buf_start
-            if not 0 <= off < len(self._buf):
-                if not self._advance():
-                    break
-                continue
-            piece = self._buf[off: off + n]
-            out.append(bytes(piece))
-            self.pos += len(piece)
-            n -= len(piece)
-        return out[0] if len(out) == 1 else b"".join(out)
+            n = self.size - self.pos
+        buf = bytearray(max(0, min(n, self.size - self.pos)))
+        del buf[self.readinto(buf):]
+        return bytes(buf)
 
     def readall(self) -> bytes:
         return self.read(-1)
