@@ -134,6 +134,10 @@ class _RangeFetcher:
                                             config=config)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digan-s3")
         self.settings = settings
+        # Range buffers for reuse, by size. A fresh multi-MiB buffer costs a page fault per 4 KiB on
+        # first touch (the kernel zeroes each page): measured ~0.9 CPU-ms per MiB on this VM, more than
+        # receiving the bytes. Reused buffers stay mapped. list.pop/append are atomic under the GIL.
+        self._free: dict[int, list[bytearray]] = {}
 
     @classmethod
     def get(cls, settings: S3Settings) -> "_RangeFetcher":
@@ -150,7 +154,8 @@ class _RangeFetcher:
         the request itself, not a broken body. Other errors, and the last transient one, propagate.
         """
         bucket, _, name = key.partition("/")
-        buf = bytearray(end - start)
+        free = self._free.get(end - start)
+        buf = free.pop() if free else bytearray(end - start)
         view, n, attempt = memoryview(buf), 0, 0
         while n < len(buf):
             try:
@@ -175,6 +180,15 @@ class _RangeFetcher:
                 attempt += 1
         return view.toreadonly()
 
+    def release(self, view: memoryview) -> None:
+        """Take back the buffer of a range returned by `fetch`; the caller holds no other view of it."""
+        buf = view.obj
+        view.release()
+        if isinstance(buf, bytearray):
+            free = self._free.setdefault(len(buf), [])
+            if len(free) < 2:
+                free.append(buf)
+
     def submit(self, key: str, start: int, end: int):
         return self.pool.submit(self.fetch, key, start, end)
 
@@ -182,17 +196,23 @@ class _RangeFetcher:
 class RetryingS3Reader(io.RawIOBase):
     """A sequential read-only stream of one S3 object: ranged GETs, prefetched, retried.
 
-    The object is fetched in `chunk_bytes` ranges on a background thread (`_RangeFetcher`), the next
-    range always in flight while the current one is consumed, so reading overlaps with decoding. A
+    The object is fetched in ranges on a background thread (`_RangeFetcher`), the next range always
+    in flight while the current one is consumed, so reading overlaps with decoding. The first range is
+    `first_chunk_bytes` (a shard starts streaming after one short GET); each next one doubles, up to
+    `chunk_bytes`: a GET costs ~3 CPU-ms of botocore request handling on top of ~0.5 CPU-ms per MiB of
+    body on loopback, so long ranges halve the per-clip fetch cost (benchmarks/data.py). At most two
+    ranges (the one being read and the one in flight) are held in memory per open shard. A
     range that fails with a transient error (reset, timeout, 5xx, short read) is fetched again after
     an exponential backoff, on top of botocore's own retries, so a connection reset in the middle of a
     shard costs a retry, not the shard. Going around fsspec's file object also saves most of its
     per-read CPU (-> benchmarks/data.py).
     """
 
-    def __init__(self, url: str, settings: S3Settings | None = None, chunk_bytes: int = 8 << 20):
+    def __init__(self, url: str, settings: S3Settings | None = None, chunk_bytes: int = 32 << 20,
+                 first_chunk_bytes: int = 8 << 20):
         super().__init__()
         self.url, self.settings, self.chunk_bytes = url, settings or _settings, chunk_bytes
+        self._range_bytes = min(first_chunk_bytes, chunk_bytes)  # length of the next range submitted
         self.key = strip_scheme(url)
         self.fs = s3_filesystem(self.settings)
         self.fetcher = _RangeFetcher.get(self.settings)
@@ -206,8 +226,9 @@ class RetryingS3Reader(io.RawIOBase):
     def _submit(self, start: int):
         if start >= self.size:
             return None
-        end = min(start + self.chunk_bytes, self.size)
-        return start, self.fetcher.submit(self.key, start, end)
+        end = min(start + self._range_bytes, self.size)
+        self._range_bytes = min(2 * self._range_bytes, self.chunk_bytes)
+        return start, end, self.fetcher.submit(self.key, start, end)
 
     def _retrying(self, fn, offset: int):
         for attempt in range(self.settings.max_retries + 1):
@@ -227,20 +248,27 @@ class RetryingS3Reader(io.RawIOBase):
         pos = self.pos
         if pos >= self.size:
             return False
-        if self._next is None or not self._next[0] <= pos < self._next[0] + self.chunk_bytes:
+        if self._next is None or not self._next[0] <= pos < self._next[1]:
             if self._next is not None:  # a seek beyond the prefetched range: fetch from the new offset
-                self._next[1].cancel()
+                self._next[2].cancel()
             self._next = self._submit(pos)
-        start, fut = self._next
+        start, end, fut = self._next
         first = [fut]
 
         def get():  # `fetch` returns the whole range or raises; a retry fetches the range again
-            return (first.pop() if first else self._submit(start)[1]).result()
+            return (first.pop() if first else self.fetcher.submit(self.key, start, end)).result()
 
-        self._buf = self._retrying(get, start)
+        buf = self._retrying(get, start)
+        self._release_buf()
+        self._buf = buf
         self._buf_start = start
         self._next = self._submit(start + len(self._buf))
         return True
+
+    def _release_buf(self) -> None:
+        if self._buf.obj is not None and len(self._buf):
+            self.fetcher.release(self._buf)
+        self._buf = memoryview(b"")
 
     def readable(self) -> bool:
         return True
@@ -262,6 +290,10 @@ class RetryingS3Reader(io.RawIOBase):
     def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:
             n = self.size - self.pos
+        off = self.pos - self._buf_start
+        if 0 <= off and off + n <= len(self._buf):  # the common case: one copy out of the current range
+            self.pos += n
+            return self._buf[off: off + n].tobytes()
         buf = bytearray(max(0, min(n, self.size - self.pos)))
         del buf[self.readinto(buf):]
         return bytes(buf)
@@ -286,31 +318,20 @@ class RetryingS3Reader(io.RawIOBase):
 
     def close(self) -> None:
         if self._next is not None:
-            self._next[1].cancel()
+            self._next[2].cancel()
             self._next = None
-        self._buf = memoryview(b"")
+        self._release_buf()
         super().close()
-
-
-class BufferedS3Reader(io.BufferedReader):
-    """`RetryingS3Reader` behind io.BufferedReader: the tar reader's many small reads (512-byte headers,
-    one member at a time) and its relative seeks are served in C from a 1 MiB buffer. `size` (the object
-    size, which lets the tar reader seek over unwanted members) and `retries` come from the raw reader."""
-
-    @property
-    def size(self) -> int:
-        return self.raw.size
-
-    @property
-    def retries(self) -> int:
-        return self.raw.retries
 
 
 def open_s3(url: str, mode: str = "rb", bufsize: int = 1 << 20, **kw):
     """webdataset gopen handler for s3:// (read-only, sequential)."""
     if mode != "rb":
         raise ValueError(f"s3 shards are read-only here, got mode {mode!r}")
-    return BufferedS3Reader(RetryingS3Reader(url), buffer_size=bufsize)
+    # Unbuffered: `read` slices the current range directly (one copy of only the bytes the tar reader
+    # keeps; skipped frames are never copied) and `seek` is arithmetic. An io.BufferedReader on top
+    # would copy every byte once more into its own buffer.
+    return RetryingS3Reader(url)
 
 
 def register_gopen() -> None:
