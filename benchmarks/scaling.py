@@ -43,6 +43,59 @@ def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+class CpuSampler:
+    """Where the machine's CPU goes during a row (Linux /proc): training workers, their DataLoader
+    processes, and everything else (Ray's control plane and actors, other users). Polls every 0.5 s;
+    `shares(stats_file)` averages over the measured windows (from the first logged window to the last)."""
+
+    def __init__(self, stats_file: Path):
+        import threading
+
+        self.stats_file, self.samples, self.stop = stats_file, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _snapshot() -> tuple[int, int, int]:
+        """(machine busy ticks, training-worker ticks, their DataLoader children's ticks)."""
+        fields = open("/proc/stat").readline().split()[1:]
+        busy = sum(int(x) for i, x in enumerate(fields) if i not in (3, 4))  # all but idle and iowait
+        procs = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if not open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"ray::RayTrainWorker"):
+                    continue
+                st = open(f"/proc/{pid}/stat").read()
+            except OSError:
+                continue
+            f = st[st.rfind(")") + 2:].split()
+            procs[pid] = (f[1], int(f[11]) + int(f[12]))  # (parent pid, utime + stime)
+        workers = sum(t for ppid, t in procs.values() if ppid not in procs)
+        return busy, workers, sum(t for ppid, t in procs.values() if ppid in procs)
+
+    def _lines(self) -> int:
+        try:
+            return len(self.stats_file.read_text().splitlines())
+        except OSError:
+            return 0
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            self.samples.append((time.time(), self._lines(), *self._snapshot()))
+
+    def shares(self) -> dict:
+        """Mean cores busy over the measured windows: machine, workers, data loaders, everything else."""
+        self.stop.set()
+        self.thread.join()
+        final = self._lines()
+        inside = [s for s in self.samples if 2 <= s[1] < final] or self.samples  # after window 1, before the end
+        (t0, _, b0, w0, d0), (t1, _, b1, w1, d1) = inside[0], inside[-1]
+        hz = os.sysconf("SC_CLK_TCK") * max(t1 - t0, 1e-9)
+        busy, workers, loaders = (b1 - b0) / hz, (w1 - w0) / hz, (d1 - d0) / hz
+        return {"machine_cores_busy": busy, "worker_cores": workers, "loader_cores": loaders,
+                "other_cores": max(0.0, busy - workers - loaders)}
+
+
 def run_row(args: argparse.Namespace, num_workers: int, storage: str) -> dict:
     from digan.train import launch
 
@@ -58,10 +111,13 @@ def run_row(args: argparse.Namespace, num_workers: int, storage: str) -> dict:
     ]
     cfg = load_config(args.preset, overrides + args.overrides)
     before = load_avg()
+    stats_file = Path(storage) / cfg.train.run_name / "stats.jsonl"
+    sampler = CpuSampler(stats_file) if sys.platform.startswith("linux") else None
     t0 = time.time()
     launch(cfg, handle_signals=False)
     wall = time.time() - t0
-    stats = [json.loads(line) for line in (Path(storage) / cfg.train.run_name / "stats.jsonl").read_text().splitlines()]
+    cpu = sampler.shares() if sampler is not None else {}
+    stats = [json.loads(line) for line in stats_file.read_text().splitlines()]
     windows = [s for s in stats if s["step"] % log_every == 0][1:]  # drop the first window (warm-up)
     if not windows:
         raise SystemExit(f"--steps {args.steps} leaves no measured window after warm-up (log every {log_every})")
@@ -72,7 +128,7 @@ def run_row(args: argparse.Namespace, num_workers: int, storage: str) -> dict:
             "samples_per_cpu_s": statistics.median(s["samples_per_s"] / (s["cpu_util"] * num_workers)
                                                    for s in windows),
             "cpu_util": statistics.median(s["cpu_util"] for s in windows),
-            "windows": len(windows), "wall_s": wall, "load_before": before, "load_after": load_avg()}
+            "windows": len(windows), "wall_s": wall, "load_before": before, "load_after": load_avg(), **cpu}
 
 
 def ceiling_worker(args: argparse.Namespace) -> None:
@@ -84,6 +140,10 @@ def ceiling_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     b = args.batch_per_worker
     cfg = load_config(args.preset, [f"train.batch_size={b}", "dist.num_workers=1"] + args.overrides)
+    if cfg.dist.malloc_keep_freed:  # as the Ray workers do (digan/malloc.py)
+        from digan.malloc import keep_freed_memory
+
+        keep_freed_memory()
     tr = SingleProcessTrainer(cfg, torch.device("cpu"), seed=0)
     res = cfg.model.resolution
     real, dt = torch.rand(b, 2, 3, res, res) * 2 - 1, torch.rand(b)
@@ -163,6 +223,11 @@ def main() -> int:
             print(f"  {n} worker(s): {r['samples_per_s']:8.2f} samples/s  ({r['it_per_s']:.3f} it/s, data wait "
                   f"{100 * r['data_wait_frac']:.1f} %, {r['windows']} windows, {r['wall_s']:.0f} s wall, load "
                   f"{r['load_before']} -> {r['load_after']})", flush=True)
+            if "machine_cores_busy" in r:
+                print(f"      CPU during the measured windows: {r['machine_cores_busy']:.2f} of {os.cpu_count()} cores "
+                      f"busy = training workers {r['worker_cores']:.2f} + their data loaders {r['loader_cores']:.2f} "
+                      f"+ everything else {r['other_cores']:.2f} (Ray's control plane and actors, other users)",
+                      flush=True)
     base = rows[0]
     print("\nworkers  samples/s  efficiency  | CPU/worker  samples/CPU-s  CPU-normalised efficiency")
     for r in rows:

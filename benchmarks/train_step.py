@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digan.config import load_config  # noqa: E402
+from digan.malloc import keep_freed_memory  # noqa: E402
 from digan.training import SingleProcessTrainer, d_step, g_step  # noqa: E402
 
 OFFICIAL_PLAIN_S, OFFICIAL_R1_S = 26.0, 52.0  # official code, 64x64, batch 4, this 2-core CPU (idle)
@@ -92,11 +93,16 @@ def _phase_fns(name: str, trainer: SingleProcessTrainer, real_pair: torch.Tensor
     }
 
 
-def run_row(name: str, batch: int | None, iters: int, warmup: int, device: torch.device) -> dict:
+def run_row(name: str, batch: int | None, iters: int, warmup: int, device: torch.device,
+            default_malloc: bool = False) -> dict:
     preset, overrides, cpu_batch = ROWS[name]
     if batch is None:  # the preset's batch on GPU; small enough to finish on a CPU
         batch = cpu_batch if device.type == "cpu" else load_config(preset).train.batch_size
     cfg = load_config(preset, overrides + [f"train.batch_size={batch}", "dist.num_workers=1"])
+    # Our rows run as our workers do (digan/malloc.py on CPU); the baselines as the official code, with
+    # glibc's default malloc.
+    kept = (device.type == "cpu" and cfg.dist.malloc_keep_freed and not name.endswith("-baseline")
+            and not default_malloc and keep_freed_memory())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the official code
     trainer = SingleProcessTrainer(cfg, device, seed=0)
@@ -131,7 +137,7 @@ def run_row(name: str, batch: int | None, iters: int, warmup: int, device: torch
         "row": name, "resolution": res, "batch": batch, "device": str(device), "threads": torch.get_num_threads(),
         "G_params_M": sum(p.numel() for p in trainer.G.parameters()) / 1e6,
         "D_params_M": sum(p.numel() for p in trainer.D.parameters()) / 1e6,
-        "wall": wall, "cpu": cpu, "peak_mem_MiB": peak_mib,
+        "wall": wall, "cpu": cpu, "peak_mem_MiB": peak_mib, "malloc": "keep freed" if kept else "glibc default",
     }
 
 
@@ -150,12 +156,12 @@ def summarize(runs: list[dict]) -> dict:
 
 def print_table(results: dict[str, dict]) -> None:
     print(f"{'row':<18} {'res':>4} {'batch':>5} {'D':>8} {'D+R1':>8} {'G':>8} {'EMA':>6} {'plain it':>9} "
-          f"{'R1 it':>9} {'cpu plain':>10} {'cpu R1':>8} {'peak MiB':>9} {'n':>3}")
+          f"{'R1 it':>9} {'cpu plain':>10} {'cpu R1':>8} {'peak MiB':>9} {'n':>3}  malloc")
     for r in results.values():
         w = r["wall_med"]
         print(f"{r['row']:<18} {r['resolution']:>4} {r['batch']:>5} {w['D']:>8.2f} {w['D_R1']:>8.2f} {w['G']:>8.2f} "
               f"{w['EMA']:>6.2f} {r['wall_plain']:>9.2f} {r['wall_r1']:>9.2f} {r['cpu_plain']:>10.2f} "
-              f"{r['cpu_r1']:>8.2f} {r['peak_mem_MiB']:>9.0f} {r['num_iters']:>3}")
+              f"{r['cpu_r1']:>8.2f} {r['peak_mem_MiB']:>9.0f} {r['num_iters']:>3}  {r['malloc']}")
     print("seconds, medians; cpu = process CPU seconds over all threads (wall times on a contended machine "
           "are inflated)")
     ours, base = results.get("official"), results.get("official-baseline")
@@ -184,13 +190,15 @@ def main() -> None:
                         help="pairs per step (default: 4, 16 for demo-64 on CPU; the preset's batch on GPU)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="glibc's default malloc for every row (ablation of digan/malloc.py)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = parser.parse_args()
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(run_row(args.one, args.batch, args.iters, args.warmup, device)))
+        print(json.dumps(run_row(args.one, args.batch, args.iters, args.warmup, device, args.default_malloc)))
         return
 
     rows = [r for r in args.rows.split(",") if r]
@@ -206,6 +214,8 @@ def main() -> None:
                    "--threads", str(args.threads), "--device", str(device)]
             if args.batch is not None:
                 cmd += ["--batch", str(args.batch)]
+            if args.default_malloc:
+                cmd.append("--default-malloc")
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
             runs[row].append(json.loads(out.strip().splitlines()[-1]))
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

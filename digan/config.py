@@ -127,6 +127,7 @@ class DistConfig:
     num_workers: int = 1  # Ray Train workers (one per GPU on GPU clusters)
     use_gpu: bool | None = None  # None = use GPUs when the cluster has them
     cpus_per_worker: int = 1
+    malloc_keep_freed: bool = True  # CPU: glibc malloc keeps freed tensor memory for reuse (digan/malloc.py)
     zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1 or 2 (3 is wrong with R1's double backward)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (engine precision of G and Ds)
     max_failures: int = 2  # Ray FailureConfig: worker-group restarts before the run fails

@@ -151,6 +151,10 @@ def _run(args: argparse.Namespace) -> dict:
 
     from digan.data import build_clip_loader
 
+    if device == "cpu" and cfg.dist.malloc_keep_freed:
+        from digan.malloc import keep_freed_memory
+
+        keep_freed_memory()
     G = G.to(device)
     batch = args.batch_size
     data_cfg = cfg.data
