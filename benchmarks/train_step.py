@@ -5,7 +5,7 @@
 
 Rows (each runs in its own subprocess, so peak memory is per row):
   demo-64            the demo-64 preset
-  digan-128          the paper's model (configs/digan-128.yaml)
+  digan-128          the paper's model (digan/configs/digan-128.yaml)
   official           "official settings" of the CPU comparison: digan-128 widths at 64x64 (input grid 32, so
                      blocks 4..32 on the 32x32 trunk and one upsampling block at 64; no extra conv, which the
                      official config only has at 128), batch 4. The official code takes ~26 s per plain

@@ -1,7 +1,8 @@
 """One typed config tree and its one parser.
 
 A run is described by `Config`, a tree of dataclasses. It is loaded from a preset name (a YAML file
-under `configs/`) or a YAML path, then overridden from the command line with `key.sub=value` pairs:
+under `digan/configs/`, linked as `configs/` at the top of the repository, shipped in the wheel)
+or a YAML path, then overridden from the command line with `key.sub=value` pairs:
 
     cfg = load_config("demo-32", ["model.sigma_t=0.5", "train.total_kimg=2"])
 
@@ -25,7 +26,7 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package; `configs/` links here
 
 
 class ConfigError(ValueError):

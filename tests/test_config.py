@@ -51,3 +51,30 @@ def test_round_trip_through_yaml(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="no such preset"):
         load_config("nope")
+
+
+def test_wheel_ships_the_presets(tmp_path):
+    """A non-editable install loads every preset: the YAML files travel inside the `digan` package."""
+    import shutil
+    import zipfile
+
+    from digan.config import CONFIG_DIR
+
+    root = CONFIG_DIR.parent.parent
+    src = tmp_path / "src"
+    for name in ("digan", "data_shards", "sweeps"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("digan-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert {f"digan/configs/{n}.yaml" for n in preset_names()} <= set(z.namelist())
+        z.extractall(tmp_path / "site")
+    code = ("import digan.config as c; print(c.CONFIG_DIR); "
+            "print(*(c.load_config(n).model.resolution for n in c.preset_names()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
+                         check=True, capture_output=True, text=True).stdout.split("\n")
+    assert out[0] == str(tmp_path / "site" / "digan" / "configs")
+    assert sorted(map(int, out[1].split())) == sorted(load_config(n).model.resolution for n in preset_names())
