@@ -134,9 +134,11 @@ class _RangeFetcher:
                                             config=config)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digan-s3")
         self.settings = settings
-        # Range buffers for reuse, by size. A fresh multi-MiB buffer costs a page fault per 4 KiB on
-        # first touch (the kernel zeroes each page): measured ~0.9 CPU-ms per MiB on this VM, more than
-        # receiving the bytes. Reused buffers stay mapped. list.pop/append are atomic under the GIL.
+        # Range buffers for reuse, by capacity (a power of two, so the few sizes of a run's ranges share
+        # them, the odd-sized last range of each shard included). A fresh multi-MiB buffer costs a page
+        # fault per 4 KiB on first touch (the kernel zeroes each page): measured ~0.9 CPU-ms per MiB on
+        # this VM, more than receiving the bytes. One buffer per capacity is kept (a reader releases its
+        # current range before it submits the next). list.pop/append are atomic under the GIL.
         self._free: dict[int, list[bytearray]] = {}
 
     @classmethod
@@ -154,10 +156,11 @@ class _RangeFetcher:
         the request itself, not a broken body. Other errors, and the last transient one, propagate.
         """
         bucket, _, name = key.partition("/")
-        free = self._free.get(end - start)
-        buf = free.pop() if free else bytearray(end - start)
-        view, n, attempt = memoryview(buf), 0, 0
-        while n < len(buf):
+        capacity = 1 << max(end - start - 1, 0).bit_length()
+        free = self._free.get(capacity)
+        buf = free.pop() if free else bytearray(capacity)
+        view, n, attempt = memoryview(buf)[: end - start], 0, 0
+        while n < len(view):
             try:
                 body = self.client.get_object(Bucket=bucket, Key=name, Range=f"bytes={start + n}-{end - 1}")["Body"]
                 try:
@@ -166,10 +169,10 @@ class _RangeFetcher:
                     # readinto reads into a temporary and copies). S3 bodies come undecoded either way.
                     fp = getattr(raw, "_fp", None)
                     readinto = fp.readinto if fp is not None and hasattr(fp, "readinto") else raw.readinto
-                    while n < len(buf):
+                    while n < len(view):
                         got = readinto(view[n:])
                         if not got:
-                            raise ConnectionError(f"connection closed after {n} of {len(buf)} bytes at {start}")
+                            raise ConnectionError(f"connection closed after {n} of {len(view)} bytes at {start}")
                         n += got
                 finally:
                     body.close()
@@ -186,7 +189,7 @@ class _RangeFetcher:
         view.release()
         if isinstance(buf, bytearray):
             free = self._free.setdefault(len(buf), [])
-            if len(free) < 2:
+            if not free:
                 free.append(buf)
 
     def submit(self, key: str, start: int, end: int):
@@ -200,7 +203,8 @@ class RetryingS3Reader(io.RawIOBase):
     in flight while the current one is consumed, so reading overlaps with decoding. The first range is
     `first_chunk_bytes` (a shard starts streaming after one short GET); each next one doubles, up to
     `chunk_bytes`: a GET costs ~3 CPU-ms of botocore request handling on top of ~0.5 CPU-ms per MiB of
-    body on loopback, so long ranges halve the per-clip fetch cost (benchmarks/data.py). At most two
+    body on loopback; long ranges with recycled buffers (`_RangeFetcher`) halve the per-clip fetch cost
+    (1.2 -> 0.6 CPU-ms per MiB, benchmarks/data.py). At most two
     ranges (the one being read and the one in flight) are held in memory per open shard. A
     range that fails with a transient error (reset, timeout, 5xx, short read) is fetched again after
     an exponential backoff, on top of botocore's own retries, so a connection reset in the middle of a
