@@ -125,7 +125,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire=10
 MailProg=/bin/true
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
@@ -257,8 +257,8 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
     def wait_steps_gone(self, jid: int, timeout_s: float = 120) -> None:
         """Until the node holds nothing of this job. A requeued job keeps its id: released before the old
         instance's slurmstepd has exited, slurmd refuses the launch ("already running") and the job FAILs
-        with RunTime 0. Slurm's own requeue hold (BeginTime ~2 min) covers this; a test that releases the
-        job early must wait for it itself."""
+        with RunTime 0. Slurm's own requeue hold (BeginTime = cred_expire + 1 s: ~2 min by default, 11 s
+        in this fixture's slurm.conf) covers this."""
         t_end = time.monotonic() + timeout_s
         while (alive := self.steps_alive(jid)) or "COMPLETING" in self.job(jid).get("JobState", ""):
             if time.monotonic() > t_end:

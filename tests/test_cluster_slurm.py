@@ -153,8 +153,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
     r = slurm.run(["scancel", "--batch", "--signal=USR1", str(jid)])
     assert r.returncode == 0, r.stderr
 
-    # The job stops, checkpoints and requeues itself: Restarts=1, back to PENDING. Slurm holds requeued
-    # batch jobs for a while (BeginTime ~2 min); release it now, as an operator would, to keep CI short.
+    # The job stops, checkpoints and requeues itself: Restarts=1, back to PENDING until Slurm's requeue hold ends.
     t_end, states = time.monotonic() + 300, []
     while True:
         info = slurm.job(jid)
@@ -177,7 +176,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert stop_ckpt["stopped_by_signal"] is True and stop_ckpt["step"] == stop_step
     assert _job_processes(jid) == []  # Ray was stopped before the requeue
     slurm.wait_steps_gone(jid)
-    slurm.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"])
+    # Slurm starts it again by itself after its requeue hold (cred_expire + 1 s, 11 s in this fixture).
+    # Releasing it earlier (`scontrol update StartTime=now`) races slurmd, which keeps the old instance's
+    # credential revoked for cred_expire seconds: "Job credential revoked", and the job FAILs at RunTime 0.
 
     info = slurm.wait(jid, timeout_s=480)
     if info["JobState"] != "COMPLETED":

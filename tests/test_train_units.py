@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from digan.config import DistConfig, load_config
+from digan.config import DistConfig, load_config, to_dict
 from digan.distributed import checkpoint as ckpt
 from digan.distributed.deepspeed import DeepSpeedUpdater, build_ds_config, initialize_engine
 from digan.distributed.utils import rng_state, set_rng_state
@@ -179,3 +179,15 @@ def test_dry_run_prints_config_and_plan_without_ray():
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "dist.zero_stage=3" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert load_config("demo-32").dist.num_workers == 2  # the default run is the 2-worker demo
+
+
+def test_resume_rule_for_worker_count_changes():
+    """ZeRO-1/2 checkpoints resume only on the worker count that wrote them (one clear line otherwise)."""
+    zero1 = to_dict(load_config("demo-32", ["dist.num_workers=2", "dist.zero_stage=1"]))
+    with pytest.raises(ckpt.ResumeError, match=r"2 worker\(s\) with ZeRO-1 .* resume with dist.num_workers=2"):
+        ckpt.check_resumable(zero1, zero_stage=1, world_size=1)
+    ckpt.check_resumable(zero1, zero_stage=1, world_size=2)  # the same count resumes
+    zero0 = to_dict(load_config("demo-32", ["dist.num_workers=2", "dist.zero_stage=0"]))
+    ckpt.check_resumable(zero0, zero_stage=0, world_size=1)  # ZeRO-0 resumes on any count
+    with pytest.raises(ckpt.ResumeError, match="dist.num_workers=2"):
+        ckpt.check_resumable(zero0, zero_stage=2, world_size=4)

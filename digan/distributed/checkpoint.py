@@ -148,6 +148,26 @@ def list_checkpoints(fs, run_fs_path: str, complete_only: bool = True) -> list[t
     return sorted(out)
 
 
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed with the current settings (the message says what to change)."""
+
+
+def check_resumable(saved_config: dict, zero_stage: int, world_size: int) -> None:
+    """Fail in one line when a checkpoint cannot be resumed on `world_size` workers.
+
+    ZeRO-1/2 partition Adam's state over the data-parallel ranks, and DeepSpeed cannot repartition it
+    for another count (it raises deep inside the engine, on every retry). ZeRO-0 checkpoints hold the
+    whole state and resume on any number of workers (with fresh per-rank data/RNG streams).
+    """
+    saved = saved_config.get("dist", {})
+    saved_workers, saved_stage = int(saved.get("num_workers", world_size)), int(saved.get("zero_stage", 0))
+    if world_size != saved_workers and max(saved_stage, zero_stage) > 0:
+        raise ResumeError(
+            f"the checkpoint was written by {saved_workers} worker(s) with ZeRO-{saved_stage} and this run has "
+            f"{world_size} with ZeRO-{zero_stage}: ZeRO-1/2 optimizer state is split per worker, so resume with "
+            f"dist.num_workers={saved_workers} (ZeRO-0 checkpoints resume on any worker count)")
+
+
 def find_latest(fs, run_fs_path: str) -> str | None:
     """fs path of the newest complete checkpoint of a run folder, or None."""
     found = list_checkpoints(fs, run_fs_path)

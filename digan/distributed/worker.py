@@ -583,8 +583,9 @@ def _save_checkpoint(cfg: Config, rt: GANRuntime, state: TrainState, loader, log
 
 def _restore(directory: str, rt: GANRuntime, state: TrainState, loader, rank: int, world_size: int) -> None:
     """Load engines (collective), counters + G_ema, and this rank's loader/RNG state when the world matches."""
-    rt.load_engines(directory)
     train_state = ckpt.load_weights_only(os.path.join(directory, ckpt.TRAIN_STATE_FILE))
+    ckpt.check_resumable(train_state["config"], rt.cfg.dist.zero_stage, world_size)
+    rt.load_engines(directory)
     state.load_state_dict(train_state)
     rt.ema.load_state_dict(train_state["G_ema"])
     rank_file = os.path.join(directory, ckpt.rank_state_file(rank))
