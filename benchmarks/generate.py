@@ -28,15 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from digan.config import load_config  # noqa: E402
 from digan.generate import render_chunks, seed_latents, time_stamps  # noqa: E402
-from digan.malloc import keep_freed_memory  # noqa: E402
+from digan.malloc import configure_malloc  # noqa: E402
 from digan.models import build_generator  # noqa: E402
 from digan.video_io import to_uint8  # noqa: E402
 
 
 def run_row(preset: str, num_frames: int, num_videos: int, max_frames: int, device: torch.device) -> dict:
     cfg = load_config(preset)
-    if device.type == "cpu" and cfg.dist.malloc_keep_freed:  # as digan.generate does (digan/malloc.py)
-        keep_freed_memory()
+    configure_malloc(cfg, device)  # as digan.generate does
     torch.manual_seed(0)
     G = build_generator(cfg.model).to(device).eval().requires_grad_(False)
     per_batch = max(1, min(num_videos, max_frames // num_frames))

@@ -140,10 +140,9 @@ def ceiling_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     b = args.batch_per_worker
     cfg = load_config(args.preset, [f"train.batch_size={b}", "dist.num_workers=1"] + args.overrides)
-    if cfg.dist.malloc_keep_freed:  # as the Ray workers do (digan/malloc.py)
-        from digan.malloc import keep_freed_memory
+    from digan.malloc import configure_malloc
 
-        keep_freed_memory()
+    configure_malloc(cfg, "cpu")  # as the Ray workers do
     tr = SingleProcessTrainer(cfg, torch.device("cpu"), seed=0)
     res = cfg.model.resolution
     real, dt = torch.rand(b, 2, 3, res, res) * 2 - 1, torch.rand(b)

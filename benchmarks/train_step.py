@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digan.config import load_config  # noqa: E402
-from digan.malloc import keep_freed_memory  # noqa: E402
+from digan.malloc import configure_malloc  # noqa: E402
 from digan.training import SingleProcessTrainer, d_step, g_step  # noqa: E402
 
 OFFICIAL_PLAIN_S, OFFICIAL_R1_S = 26.0, 52.0  # official code, 64x64, batch 4, this 2-core CPU (idle)
@@ -101,8 +101,7 @@ def run_row(name: str, batch: int | None, iters: int, warmup: int, device: torch
     cfg = load_config(preset, overrides + [f"train.batch_size={batch}", "dist.num_workers=1"])
     # Our rows run as our workers do (digan/malloc.py on CPU); the baselines as the official code, with
     # glibc's default malloc.
-    kept = (device.type == "cpu" and cfg.dist.malloc_keep_freed and not name.endswith("-baseline")
-            and not default_malloc and keep_freed_memory())
+    kept = not name.endswith("-baseline") and not default_malloc and configure_malloc(cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the official code
     trainer = SingleProcessTrainer(cfg, device, seed=0)

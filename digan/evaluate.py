@@ -150,11 +150,9 @@ def _run(args: argparse.Namespace) -> dict:
         return report
 
     from digan.data import build_clip_loader
+    from digan.malloc import configure_malloc
 
-    if device == "cpu" and cfg.dist.malloc_keep_freed:
-        from digan.malloc import keep_freed_memory
-
-        keep_freed_memory()
+    configure_malloc(cfg, device)
     G = G.to(device)
     batch = args.batch_size
     data_cfg = cfg.data

@@ -33,8 +33,8 @@ import torch
 from tqdm import tqdm
 
 from digan.config import Config, ConfigError, add_config_args, config_from_args, dump_yaml, from_dict
+from digan.malloc import configure_malloc
 from digan.models import Generator, build_generator, find_generator_file, load_generator
-from digan.malloc import keep_freed_memory
 from digan.video_io import Mp4Writer, frame_grid, to_uint8, write_gif, write_png
 
 FORMATS = ("mp4", "gif", "png")
@@ -221,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  would write {outdir / stem(s, m)}.{{{','.join(args.formats)}}} (z_I seed {s}, z_M seed {m})")
         return 0
 
-    if device.type == "cpu" and cfg.dist.malloc_keep_freed:
-        keep_freed_memory()
+    configure_malloc(cfg, device)
     if source is not None:
         G, _ = load_generator(source, map_location=device)
     else:

@@ -46,3 +46,9 @@ def keep_freed_memory() -> bool:
     _applied = bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
                     and mallopt(_M_TOP_PAD, _TOP_PAD))
     return _applied
+
+
+def configure_malloc(cfg, device) -> bool:
+    """`keep_freed_memory()` when `device` (a torch.device or its name) is the CPU and the run's
+    `dist.malloc_keep_freed` asks for it; what every CPU entry point calls. True where applied."""
+    return str(device).split(":")[0] == "cpu" and cfg.dist.malloc_keep_freed and keep_freed_memory()

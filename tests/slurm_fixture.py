@@ -248,23 +248,6 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
                 raise TimeoutError(f"job {jid} still {info['JobState']} after {timeout_s} s")
             time.sleep(poll_s)
 
-    def steps_alive(self, jid: int) -> list[str]:
-        """This job's slurmstepd processes on the node ("slurmstepd: [<jid>.batch]", "[<jid>.0]", ...)."""
-        marker = f"[{jid}.".encode()
-        return [f"{pid} {cmd.decode(errors='replace').strip()}" for pid, cmd in live_processes()
-                if cmd.startswith(b"slurmstepd") and marker in cmd]
-
-    def wait_steps_gone(self, jid: int, timeout_s: float = 120) -> None:
-        """Until the node holds nothing of this job. A requeued job keeps its id: released before the old
-        instance's slurmstepd has exited, slurmd refuses the launch ("already running") and the job FAILs
-        with RunTime 0. Slurm's own requeue hold (BeginTime = cred_expire + 1 s: ~2 min by default, 11 s
-        in this fixture's slurm.conf) covers this."""
-        t_end = time.monotonic() + timeout_s
-        while (alive := self.steps_alive(jid)) or "COMPLETING" in self.job(jid).get("JobState", ""):
-            if time.monotonic() > t_end:
-                raise TimeoutError(f"job {jid}: still on the node after {timeout_s} s: {alive}")
-            time.sleep(0.25)
-
     def log_tail(self, jid: int, lines: int = 40) -> str:
         """The lines of slurmctld's and slurmd's logs that name this job (for failure messages)."""
         out = []

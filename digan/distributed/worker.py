@@ -34,9 +34,9 @@ import torch
 from digan.config import Config, from_dict, to_dict
 from digan.distributed import checkpoint as ckpt
 from digan.distributed.deepspeed import DeepSpeedUpdater, build_ds_config, initialize_engine
-from digan.malloc import keep_freed_memory
 from digan.distributed.utils import (any_rank, barrier, dist_mean, dist_sum, rng_state, seed_everything,
                                      seed_for_rank, set_rng_state)
+from digan.malloc import configure_malloc
 from digan.training import EMA, DIGANLoss, DiscriminatorPair, build_adam, sample_time_pairs, train_step
 
 # ----------------------------------------------------------------------------------------------------
@@ -407,8 +407,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg.dist.cpus_per_worker)
-        if cfg.dist.malloc_keep_freed:
-            keep_freed_memory()
+    configure_malloc(cfg, device)
     storage = ctx.get_storage()
     logger = RunLogger(cfg, storage, enabled=rank == 0)
     rt = GANRuntime(cfg, rank, world_size, device)
