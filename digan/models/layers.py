@@ -150,12 +150,20 @@ _WINO_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1,
 _wino_cache: dict = {}
 
 
-def _winograd_matrices(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _winograd_matrices(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """B^T (x) B^T [36, 36], G (x) G [36, 9], A^T (x) A^T [16, 36] and its transpose [36, 16] (contiguous)."""
     key = (dtype, device)
     if key not in _wino_cache:
         bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in (_WINO_BT, _WINO_G, _WINO_AT))
-        _wino_cache[key] = tuple(torch.kron(m, m).to(dtype=dtype, device=device) for m in (bt, g, at))
+        bk, gk, ak = (torch.kron(m, m).to(dtype=dtype, device=device) for m in (bt, g, at))
+        _wino_cache[key] = (bk, gk, ak, ak.t().contiguous())
     return _wino_cache[key]
+
+
+# Layouts. The batched GEMM wants the 36 transform points outermost ([36, C, tiles]); images are NCHW with
+# a tile's 4 or 6 pixels of a row innermost. Each transform below is one GEMM whose *other* operand is read
+# transposed (MKL takes either orientation for free), chosen so that the one layout copy left moves runs
+# of 4 contiguous floats rather than single floats 4 MB apart (a strided scalar copy ran at ~1.5 GB/s here).
 
 
 class _WinogradInput(torch.autograd.Function):
@@ -178,10 +186,12 @@ class _WinogradInput(torch.autograd.Function):
 
 
 class _WinogradInputAdjoint(torch.autograd.Function):
-    """The transpose of `_WinogradInput`: scatter-add B (.) B of each tile back onto the image.
+    """The transpose of `_WinogradInput`: B (.) B of each tile, overlapping tiles summed back onto the image.
 
     Written by hand because autograd's version (the backward of the 1-channel strided conv) measured 3x
-    slower here: one [36, 36] GEMM, then 36 strided adds.
+    slower here. One GEMM gives every tile's 6x6 pixels in a row ([C, N, h, w, 6, 6]); tiles overlap by 2
+    pixels, so the sum is four block copies/adds: the 4x4 cores, then the 2-wide right/bottom margins onto
+    the next tile's first columns/rows.
     """
 
     @staticmethod
@@ -189,29 +199,66 @@ class _WinogradInputAdjoint(torch.autograd.Function):
         n, c, height, width = shape
         h, w = height // 4, width // 4
         bk = _winograd_matrices(grad_v.dtype, grad_v.device)[0]
-        t = (bk.t() @ grad_v.reshape(36, -1)).view(6, 6, c, n, h, w).permute(0, 1, 3, 2, 4, 5)
-        grad_xp = grad_v.new_zeros(n, c, height + 2, width + 2)
-        for a in range(6):
-            for b in range(6):
-                grad_xp[:, :, a: a + 4 * h: 4, b: b + 4 * w: 4] += t[a, b]
-        return grad_xp[:, :, 1:-1, 1:-1].contiguous()
+        t = torch.mm(grad_v.reshape(36, -1).t(), bk)  # [C*N*h*w, 36]
+        t = t.view(c, n, h, w, 6, 6).permute(1, 0, 2, 4, 3, 5)  # [N, C, h, 6, w, 6]
+        g = grad_v.new_empty(n, c, h + 1, 4, w + 1, 4)  # the padded image as 4x4 blocks (one spare)
+        g[:, :, h].zero_()
+        g[:, :, :h, :, w].zero_()
+        g[:, :, :h, :, :w] = t[:, :, :, :4, :, :4]
+        g[:, :, 1:, :2, :w] += t[:, :, :, 4:, :, :4]
+        g[:, :, :h, :, 1:, :2] += t[:, :, :, :4, :, 4:]
+        g[:, :, 1:, :2, 1:, :2] += t[:, :, :, 4:, :, 4:]
+        return g.view(n, c, height + 4, width + 4)[:, :, 1:height + 1, 1:width + 1].contiguous()
 
     @staticmethod
     def backward(ctx, grad_x: Tensor):
         return _WinogradInput.apply(grad_x), None
 
 
+class _WinogradOutput(torch.autograd.Function):
+    """M [36, K, N*h*w] -> y [N, K, 4h, 4w]: A^T m A of every tile, placed as 4x4 output blocks."""
+
+    @staticmethod
+    def forward(ctx, m: Tensor, n: int, h: int, w: int) -> Tensor:
+        ctx.dims = (n, h, w)
+        k = m.shape[1]
+        akt = _winograd_matrices(m.dtype, m.device)[3]
+        y = torch.mm(m.reshape(36, -1).t(), akt)  # [K*N*h*w, 16]: each tile's 4x4 outputs in a row
+        return y.view(k, n, h, w, 4, 4).permute(1, 0, 2, 4, 3, 5).reshape(n, k, 4 * h, 4 * w)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        return _WinogradOutputAdjoint.apply(grad_y), None, None, None
+
+
+class _WinogradOutputAdjoint(torch.autograd.Function):
+    """The transpose of `_WinogradOutput`: grad y [N, K, 4h, 4w] -> grad M [36, K, N*h*w]."""
+
+    @staticmethod
+    def forward(ctx, grad_y: Tensor) -> Tensor:
+        n, k, height, width = grad_y.shape
+        h, w = height // 4, width // 4
+        ctx.dims = (n, h, w)
+        akt = _winograd_matrices(grad_y.dtype, grad_y.device)[3]
+        g = grad_y.reshape(n, k, h, 4, w, 4).permute(1, 0, 2, 4, 3, 5).reshape(-1, 16)  # [K*N*h*w, 16]
+        return torch.mm(akt, g.t()).view(36, k, n * h * w)
+
+    @staticmethod
+    def backward(ctx, grad_m: Tensor):
+        return _WinogradOutput.apply(grad_m, *ctx.dims)
+
+
 def conv3x3_winograd(x: Tensor, weight: Tensor) -> Tensor:
     """conv2d(x, weight, padding=1) for a 3x3 kernel and H, W divisible by 4, via Winograd F(4x4, 3x3)."""
     n, c, height, width = x.shape
     k = weight.shape[0]
-    h, w = height // 4, width // 4
-    _, gk, ak = _winograd_matrices(x.dtype, x.device)  # G (x) G [36, 9], A^T (x) A^T [16, 36]
+    _, gk, _, _ = _winograd_matrices(x.dtype, x.device)  # G (x) G [36, 9]
     v = _WinogradInput.apply(x)  # [36, C, N*h*w]
-    u = (gk @ weight.reshape(k * c, 9).t()).view(36, k, c)  # G g G^T per kernel
+    # G g G^T per kernel. The transposed weight is made contiguous so that autograd's gradient is
+    # gk^T @ grad_u (streamed) rather than a GEMM reading grad_u column-wise (4x slower here).
+    u = (gk @ weight.reshape(k * c, 9).t().contiguous()).view(36, k, c)
     m = torch.bmm(u, v)  # [36, K, N*h*w]: the element-wise products, summed over C
-    y = (ak @ m.view(36, -1)).view(4, 4, k, n, h, w)  # A^T m A: 4x4 output tiles
-    return y.permute(3, 2, 4, 0, 5, 1).reshape(n, k, height, width)
+    return _WinogradOutput.apply(m, n, height // 4, width // 4)  # A^T m A: 4x4 output tiles
 
 
 def _use_winograd(x: Tensor, weight: Tensor) -> bool:
