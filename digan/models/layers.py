@@ -150,13 +150,13 @@ _WINO_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1,
 _wino_cache: dict = {}
 
 
-def _winograd_matrices(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """B^T (x) B^T [36, 36], G (x) G [36, 9], A^T (x) A^T [16, 36] and its transpose [36, 16] (contiguous)."""
+def _winograd_matrices(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """B^T (x) B^T [36, 36], G (x) G [36, 9] and (A^T (x) A^T)^T [36, 16], each contiguous."""
     key = (dtype, device)
     if key not in _wino_cache:
         bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in (_WINO_BT, _WINO_G, _WINO_AT))
         bk, gk, ak = (torch.kron(m, m).to(dtype=dtype, device=device) for m in (bt, g, at))
-        _wino_cache[key] = (bk, gk, ak, ak.t().contiguous())
+        _wino_cache[key] = (bk, gk, ak.t().contiguous())
     return _wino_cache[key]
 
 
@@ -220,9 +220,8 @@ class _WinogradOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, m: Tensor, n: int, h: int, w: int) -> Tensor:
-        ctx.dims = (n, h, w)
         k = m.shape[1]
-        akt = _winograd_matrices(m.dtype, m.device)[3]
+        akt = _winograd_matrices(m.dtype, m.device)[2]
         y = torch.mm(m.reshape(36, -1).t(), akt)  # [K*N*h*w, 16]: each tile's 4x4 outputs in a row
         return y.view(k, n, h, w, 4, 4).permute(1, 0, 2, 4, 3, 5).reshape(n, k, 4 * h, 4 * w)
 
@@ -239,7 +238,7 @@ class _WinogradOutputAdjoint(torch.autograd.Function):
         n, k, height, width = grad_y.shape
         h, w = height // 4, width // 4
         ctx.dims = (n, h, w)
-        akt = _winograd_matrices(grad_y.dtype, grad_y.device)[3]
+        akt = _winograd_matrices(grad_y.dtype, grad_y.device)[2]
         g = grad_y.reshape(n, k, h, 4, w, 4).permute(1, 0, 2, 4, 3, 5).reshape(-1, 16)  # [K*N*h*w, 16]
         return torch.mm(akt, g.t()).view(36, k, n * h * w)
 
@@ -252,10 +251,10 @@ def conv3x3_winograd(x: Tensor, weight: Tensor) -> Tensor:
     """conv2d(x, weight, padding=1) for a 3x3 kernel and H, W divisible by 4, via Winograd F(4x4, 3x3)."""
     n, c, height, width = x.shape
     k = weight.shape[0]
-    _, gk, _, _ = _winograd_matrices(x.dtype, x.device)  # G (x) G [36, 9]
+    gk = _winograd_matrices(x.dtype, x.device)[1]  # G (x) G [36, 9]
     v = _WinogradInput.apply(x)  # [36, C, N*h*w]
     # G g G^T per kernel. The transposed weight is made contiguous so that autograd's gradient is
-    # gk^T @ grad_u (streamed) rather than a GEMM reading grad_u column-wise (4x slower here).
+    # gk^T @ grad_u (streamed) rather than a GEMM reading grad_u column-wise (~10x slower here).
     u = (gk @ weight.reshape(k * c, 9).t().contiguous()).view(36, k, c)
     m = torch.bmm(u, v)  # [36, K, N*h*w]: the element-wise products, summed over C
     return _WinogradOutput.apply(m, n, height // 4, width // 4)  # A^T m A: 4x4 output tiles
