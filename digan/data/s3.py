@@ -205,10 +205,10 @@ class RetryingS3Reader(io.RawIOBase):
     `chunk_bytes`: a GET costs ~3 CPU-ms of botocore request handling on top of ~0.5 CPU-ms per MiB of
     body on loopback; long ranges with recycled buffers (`_RangeFetcher`) halve the per-clip fetch cost
     (1.2 -> 0.6 CPU-ms per MiB, benchmarks/data.py). At most two ranges (the one being read and the
-    one in flight) are held in memory per open shard. A range that fails with a transient error (reset, timeout, 5xx, short read) is fetched again after
-    an exponential backoff, on top of botocore's own retries, so a connection reset in the middle of a
-    shard costs a retry, not the shard. Going around fsspec's file object also saves most of its
-    per-read CPU (-> benchmarks/data.py).
+    one in flight) are held in memory per open shard. A range that fails with a transient error (reset,
+    timeout, 5xx, short read) is fetched again after an exponential backoff, on top of botocore's own
+    retries, so a connection reset in the middle of a shard costs a retry, not the shard. Going around
+    fsspec's file object also saves most of its per-read CPU (-> benchmarks/data.py).
     """
 
     def __init__(self, url: str, settings: S3Settings | None = None, chunk_bytes: int = 32 << 20,
