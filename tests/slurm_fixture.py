@@ -1,4 +1,4 @@
-"""A real single-node Slurm 22.05 on loopback for the cluster tests (see shared slurm-loopback notes).
+"""A real single-node Slurm 22.05 on loopback for the cluster tests.
 
 `LoopbackSlurm.start()` installs Slurm + munge from Debian if missing (scripts/install_slurm.sh), writes a
 hostname-independent slurm.conf (node `localhost` at 127.0.0.1, free ports), and starts munged, slurmctld

@@ -197,7 +197,7 @@ def test_adam_lazy_reg_rescaling_matches_reference():
     g = adam_kwargs(cfg, 4)
     d = adam_kwargs(cfg, 16)
     assert g["lr"] == pytest.approx(0.002)
-    # Reference (digan-official.md §3): G lr 0.0020, β2 ≈ 0.9920; D lr ≈ 0.00235, β2 ≈ 0.9906.
+    # Official DIGAN (StyleGAN2-ADA lazy-reg rescaling): G lr 0.0020, β2 ≈ 0.9920; D lr ≈ 0.00235, β2 ≈ 0.9906.
     assert g["betas"] == (0.0, pytest.approx(0.99 ** 0.8)) and g["betas"][1] == pytest.approx(0.9920, abs=5e-5)
     assert d["lr"] == pytest.approx(0.0025 * 16 / 17) and d["lr"] == pytest.approx(0.00235, abs=5e-6)
     assert d["betas"] == (0.0, pytest.approx(0.99 ** (16 / 17))) and d["betas"][1] == pytest.approx(0.9906, abs=5e-5)
