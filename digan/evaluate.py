@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42, help="fake video seed of trial 0 (DIGAN's default 42)")
     g = p.add_argument_group("protocol and networks")
     g.add_argument("--protocol", default="tfhub", choices=["tfhub", "digan"],
-                   help="tfhub: original FVD (224x224, [-1,1]); digan: VideoGPT's (short side 224 + crop, [-0.5,0.5])")
+                   help="tfhub: original FVD (224x224, [-1,1]); digan: VideoGPT/DIGAN's (short side 224 + crop, [-1,1])")
     g.add_argument("--detector", default="i3d", choices=["i3d", "proxy"],
                    help="i3d: the real networks; proxy: fixed-seed random nets (keys proxy_*, never FVD)")
     g.add_argument("--i3d-weights", default=None, metavar="PATH",
