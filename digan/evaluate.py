@@ -93,11 +93,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def _run(args: argparse.Namespace) -> dict:
     """Resolve the plan, then (unless --dry-run) compute the metrics; returns the report."""
-    import torch
-
     from digan.config import ConfigError, set_override
     from digan.metrics.compute import compute_metrics, parse_metric
-    from digan.models import find_generator_file, load_generator
+    from digan.models import generator_from_export, read_generator_export
 
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
     if not names:
@@ -123,8 +121,8 @@ def _run(args: argparse.Namespace) -> dict:
         if path and not Path(path).expanduser().is_file():
             _fail(f"{flag} {path}: file not found")
     try:
-        ckpt_file = find_generator_file(args.checkpoint)
-        G, cfg = load_generator(ckpt_file)
+        ckpt_file, payload_meta, cfg = read_generator_export(args.checkpoint)
+        G = generator_from_export(payload_meta, cfg, ckpt_file)
         for o in args.overrides:
             set_override(cfg, o)
         cfg.validate()
@@ -133,7 +131,6 @@ def _run(args: argparse.Namespace) -> dict:
     if args.data:
         cfg.data.source = args.data
     device = _resolve_device(args.device)
-    payload_meta = torch.load(ckpt_file, map_location="cpu", weights_only=True, mmap=True)
     resolution = cfg.model.resolution
     out_path = Path(args.out) if args.out else \
         ckpt_file.parent / f"eval-{args.protocol}-{args.detector}-N{args.num_videos}.json"

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from digan.config import Config, ConfigError, add_config_args, config_from_args, dump_yaml, from_dict
+from digan.config import Config, ConfigError, add_config_args, config_from_args, dump_yaml
 from digan.malloc import configure_malloc
-from digan.models import Generator, build_generator, find_generator_file, load_generator
+from digan.models import Generator, build_generator, load_generator, read_generator_export
 from digan.video_io import Mp4Writer, frame_grid, to_uint8, write_gif, write_png
 
 FORMATS = ("mp4", "gif", "png")
@@ -174,9 +174,8 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _checkpoint_config(path: str) -> tuple[Path, Config]:
-    file = find_generator_file(path)
-    payload = torch.load(file, map_location="cpu", weights_only=True)
-    return file, from_dict(payload["config"])
+    file, _, cfg = read_generator_export(path)  # one-line FileNotFoundError / ValueError for a bad file
+    return file, cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from digan.models.generator import Generator, VideoCode
 
 __all__ = ["Generator", "VideoCode", "ImageDiscriminator", "MotionDiscriminator", "motion_input",
            "build_generator", "build_discriminators", "save_generator", "load_generator",
-           "find_generator_file", "GENERATOR_FILE"]
+           "find_generator_file", "read_generator_export", "generator_from_export", "GENERATOR_FILE"]
 
 GENERATOR_FILE = "generator.pt"
 
@@ -94,20 +96,66 @@ def find_generator_file(path: str | os.PathLike) -> Path:
     return max(found, key=lambda p: (_last_int(p.parent.name), p.stat().st_mtime))
 
 
-def load_generator(path_or_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Generator, Config]:
-    """Load `(G_ema, cfg)` from a `generator.pt`, a checkpoint folder, or a run folder (latest checkpoint).
+def _why_unreadable(file: Path, error: Exception) -> str:
+    """What is wrong with a file torch.load refused, in a few words (torch's own text runs to many lines)."""
+    with open(file, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty"
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80\x02"):
+        return f"not a torch.save file (it starts with {head!r}, not a ZIP archive)"
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds Python objects other than tensors and plain containers (not a generator.pt export)"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"damaged, truncated or not a PyTorch archive ({type(error).__name__}: {first.split('. ')[0].rstrip('.')})"
 
-    The generator is returned in eval mode with gradients off.
+
+def read_generator_export(path_or_dir: str | os.PathLike,
+                          map_location: str | torch.device = "cpu") -> tuple[Path, dict, Config]:
+    """Resolve and read a `generator.pt` export (file, checkpoint folder or run folder): (file, payload, cfg).
+
+    Whatever is wrong ends in one exception with one line that names the file: FileNotFoundError (nothing
+    there) or ValueError (not a torch file, damaged, another kind of checkpoint, a bad config inside).
     """
     file = find_generator_file(path_or_dir)
     try:
-        payload = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which and why, in one line
-        raise ValueError(f"{file}: not a readable generator checkpoint ({type(e).__name__}: {e})") from None
+        with warnings.catch_warnings():  # e.g. torch's note on the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            payload = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{file}: not a readable generator checkpoint: {_why_unreadable(file, e)}") from None
     if not isinstance(payload, dict) or "config" not in payload or "G_ema" not in payload:
-        raise ValueError(f"{file}: not a generator export (expected keys 'config' and 'G_ema')")
-    cfg = from_dict(payload["config"])
+        found = f"keys {sorted(map(str, payload))[:6]}" if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{file}: not a generator export (expected keys 'config' and 'G_ema', found {found})")
+    try:
+        cfg = from_dict(payload["config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{file}: the config inside is not valid here: {str(e).splitlines()[0]}") from None
+    return file, payload, cfg
+
+
+def generator_from_export(payload: dict, cfg: Config, file: Path,
+                          map_location: str | torch.device = "cpu") -> Generator:
+    """The generator of a read export, in eval mode with gradients off (ValueError if weights and config differ)."""
     G = build_generator(cfg.model)
-    G.load_state_dict(payload["G_ema"])
-    G.to(map_location).eval().requires_grad_(False)
-    return G, cfg
+    sd, own = payload["G_ema"], G.state_dict()
+    if not isinstance(sd, dict):
+        raise ValueError(f"{file}: G_ema is a {type(sd).__name__}, not a state dict")
+    # Checked here, in one line: torch's load_state_dict error lists every mismatched key.
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    reshaped = sorted(k for k in own.keys() & sd.keys() if tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or reshaped:
+        example = (missing or unexpected or reshaped)[0]
+        raise ValueError(f"{file}: its G_ema weights do not fit the model its config describes ({len(missing)} "
+                         f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape; e.g. {example})")
+    G.load_state_dict(sd)
+    return G.to(map_location).eval().requires_grad_(False)
+
+
+def load_generator(path_or_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Generator, Config]:
+    """Load `(G_ema, cfg)` from a `generator.pt`, a checkpoint folder, or a run folder (latest checkpoint).
+
+    The generator is returned in eval mode with gradients off. Errors: see `read_generator_export`.
+    """
+    file, payload, cfg = read_generator_export(path_or_dir, map_location)
+    return generator_from_export(payload, cfg, file, map_location), cfg
