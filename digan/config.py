@@ -68,7 +68,8 @@ class LossConfig:
     """Non-saturating GAN loss, lazy R1 and augmentation (official loss.py, diffaugment.py)."""
 
     r1_gamma: float = 1.0  # R1 weight gamma: the penalty is gamma/2 * ||grad||^2
-    r1_interval: int = 16  # lazy R1 every this many D steps, scaled by the interval; 0 disables R1
+    r1_interval: int = 16  # lazy R1 every this many iterations, scaled by the interval; 0 disables R1
+    r1_schedule: str = "separate"  # separate (official: R1 in its own D step) | folded (R1 added to that D step)
     g_reg_interval: int = 4  # G's lazy-reg interval; only rescales G's Adam (no path-length reg)
     diffaug_policy: str = "color,translation"  # DiffAugment policy, comma-separated; "" disables
     translation_ratio: float = 0.125  # max translation as a fraction of the side
@@ -197,6 +198,8 @@ def validate(cfg: Config) -> None:
     need(lo.r1_gamma >= 0, f"loss.r1_gamma={lo.r1_gamma}: must be >= 0")
     need(lo.r1_interval >= 0, f"loss.r1_interval={lo.r1_interval}: must be >= 0 (0 disables R1)")
     need(lo.g_reg_interval >= 1, f"loss.g_reg_interval={lo.g_reg_interval}: must be >= 1")
+    need(lo.r1_schedule in ("separate", "folded"),
+         f"loss.r1_schedule={lo.r1_schedule!r}: choose separate (official) or folded")
     policies = [p for p in lo.diffaug_policy.split(",") if p]
     bad = [p for p in policies if p not in ("color", "translation", "cutout")]
     need(not bad, f"loss.diffaug_policy: unknown policy {bad[0] if bad else ''!r} (choose from color,translation,cutout)")
