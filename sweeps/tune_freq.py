@@ -263,6 +263,9 @@ def main(argv=None) -> int:
         print(f"results in {storage_path}/{args.name}; Optuna storage: {args.study_storage or 'in memory'}")
         return 0
 
+    from digan.train import quiet_ray_false_alarms
+
+    quiet_ray_false_alarms()  # before ray is imported here
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler

@@ -191,3 +191,27 @@ def test_resume_rule_for_worker_count_changes():
     ckpt.check_resumable(zero0, zero_stage=0, world_size=1)  # ZeRO-0 resumes on any count
     with pytest.raises(ckpt.ResumeError, match="dist.num_workers=2"):
         ckpt.check_resumable(zero0, zero_stage=2, world_size=4)
+
+
+def test_ray_false_alarm_filter_drops_only_the_preemption_watcher_line(monkeypatch):
+    """Ray Train V2 logs an ERROR line about its own PreemptionWatcher in every run; the driver drops exactly
+    that line through Ray's RAY_DEDUP_LOGS_SKIP_REGEX (kept alongside a user's own pattern)."""
+    import re
+
+    from digan.train import quiet_ray_false_alarms
+
+    monkeypatch.setenv("RAY_DEDUP_LOGS_SKIP_REGEX", "mine")
+    quiet_ray_false_alarms()
+    quiet_ray_false_alarms()  # idempotent
+    skip = re.compile(os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"])
+    seen = ("[2026-11-30 05:48:22,155 E 7247 7313] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher'"
+            " and ID: '860bb114656294992896786201000000' has constructor arguments in the object store and "
+            "max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor restart "
+            "will fail. See https://github.com/ray-project/ray/issues/53727 for more details.")
+    assert skip.search(seen) and skip.search("mine")
+    assert not skip.search(seen.replace("PreemptionWatcher", "MyActor"))
+    assert not skip.search("core_worker.cc:123: Actor with class name: 'PreemptionWatcher' died unexpectedly")
+    assert os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"].count("PreemptionWatcher") == 1
+    monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX")
+    quiet_ray_false_alarms()
+    assert re.search(os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"], seen)
