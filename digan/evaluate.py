@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from digan.config import HelpFormatter
+
 METRIC_HELP = "fvd<T> (fvd16, fvd128), kvd<T>, fid, is (UCF-101 C3D, needs --c3d-weights/--c3d-mean)"
 
 
@@ -32,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="digan-evaluate", description=__doc__.split("\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=HelpFormatter)
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="generator.pt, a checkpoint folder, or a run folder (its latest checkpoint)")

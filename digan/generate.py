@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from digan.config import Config, ConfigError, add_config_args, config_from_args, dump_yaml
+from digan.config import Config, ConfigError, HelpFormatter, add_config_args, config_from_args, dump_yaml
 from digan.malloc import configure_malloc
 from digan.models import Generator, build_generator, load_generator, read_generator_export
 from digan.video_io import Mp4Writer, frame_grid, to_uint8, write_gif, write_png
@@ -114,7 +114,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="digan-generate", description="Render DIGAN videos from seeds.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", metavar="PATH",
                    help="generator.pt, a checkpoint folder, or a run folder (its latest checkpoint)")

@@ -78,3 +78,25 @@ def test_wheel_ships_the_presets(tmp_path):
                          check=True, capture_output=True, text=True).stdout.split("\n")
     assert out[0] == str(tmp_path / "site" / "digan" / "configs")
     assert sorted(map(int, out[1].split())) == sorted(load_config(n).model.resolution for n in preset_names())
+
+
+@pytest.mark.parametrize("module", ["digan.train", "digan.generate", "digan.evaluate", "sweeps.tune_freq"])
+def test_help_states_each_default_once(module, monkeypatch, capsys):
+    """--help: a default is printed once (not the help's own "(default: X)" plus argparse's), never as
+    "(default: None)" / "(default: False)"."""
+    import importlib
+    import re
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option, so "once" can be checked per line
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--config" in text or "--checkpoint" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for line in text.splitlines():
+        assert line.count("(default:") <= 1 and len(re.findall(r"\bdefault\b", line.lower())) <= 1, line
+    if module == "digan.train":
+        assert "(default: demo-32)" in text
+    if module == "digan.evaluate":
+        assert "(default: 2048)" in text  # plain defaults still shown
