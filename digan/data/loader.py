@@ -483,6 +483,15 @@ def _start_method(cfg: DataConfig, shards: list[str]) -> str:
     return method
 
 
+class ClipsTooShortError(ValueError):
+    """The shards' clips (the manifest's clip_length) are shorter than the frames asked for."""
+
+    def __init__(self, location: str, clip_length: int, num_frames: int):
+        self.location, self.clip_length, self.num_frames = location, clip_length, num_frames
+        super().__init__(f"the clips in {location} are {clip_length} frames long (the shards' clip length), shorter "
+                         f"than the {num_frames} frames needed: build shards with --clip-length {num_frames} or more")
+
+
 def _check_resolution(manifest: dict | None, resolution: int, location: str) -> bool:
     """Refuse shards smaller than `resolution`; True when they are exactly at it (fast decode path)."""
     have = (manifest or {}).get("options", {}).get("resolution")
@@ -525,11 +534,16 @@ def build_clip_loader(cfg: DataConfig, resolution: int, batch: int, num_frames: 
 
     One shuffled pass over this rank's shards per iteration (a new seeded order each pass); clips
     longer than num_frames give their first num_frames frames, shorter ones are skipped and counted.
+    ClipsTooShortError (a ValueError) when the manifest says every clip is shorter than num_frames.
     """
     location = resolve_source(cfg, resolution)
     s3 = s3_settings(cfg)
     shards = list_shards(location, s3)
-    direct = _check_resolution(read_manifest(location, s3), resolution, location)
+    manifest = read_manifest(location, s3)
+    direct = _check_resolution(manifest, resolution, location)
+    clip_length = (manifest or {}).get("options", {}).get("clip_length")
+    if clip_length is not None and clip_length < num_frames:  # every clip would be skipped as too short
+        raise ClipsTooShortError(location, clip_length, num_frames)
     ds = ClipStream(shards, "clip", resolution, num_frames, batch, rank, world_size, seed, False, None,
                     cfg.shuffle_buffer, partial=True, s3=s3, direct=direct)
     return StreamLoader(ds, cfg.num_workers, _start_method(cfg, shards))

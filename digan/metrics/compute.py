@@ -132,6 +132,11 @@ def _extract(clip_iter: Iterable, num_videos: int, video_det: VideoDetector | No
     if bar is not None:
         bar.close()
     if seen < num_videos:
+        short = int((clip_iter.stats() if hasattr(clip_iter, "stats") else {}).get("skipped_short", 0))
+        if short:  # the data's clips are too short for the metric, not too few
+            raise ValueError(f"{desc}: only {seen} clips available, {num_videos} requested: {short} clips were "
+                             f"shorter than the {need} frames the metrics need (use data with clips of >= {need} "
+                             "frames)")
         raise ValueError(f"{desc}: only {seen} clips available, {num_videos} requested (lower --num-videos)")
     return {k: np.concatenate(v) for k, v in feats.items()}
 
