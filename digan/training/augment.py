@@ -28,23 +28,25 @@ def _randint(low: int, high: int, n: int, x: torch.Tensor, generator: torch.Gene
 
 # ----------------------------------------------------------------------------------------------------
 # The individual ops (official diffaugment.py), vectorised over pairs instead of repeating per frame.
+# Each op is split into its draw (`rand_*`, as before) and a deterministic application of given
+# parameters (`brightness`, ...), so that `DiffAugment` can replay recorded draws (`DiffAugment.apply`).
 
 
-def rand_brightness(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x + U(-0.5, 0.5)."""
-    return x + (_uniform(x.shape[0], x, generator) - 0.5)
+def brightness(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """x + (u - 0.5) for u in [0, 1), one value per pair [N]."""
+    return x + (u.to(x.dtype).view(-1, 1, 1, 1, 1) - 0.5)
 
 
-def rand_saturation(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scale each pixel's deviation from its channel mean by U(0, 2)."""
+def saturation(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Scale each pixel's deviation from its channel mean by 2u."""
     x_mean = x.mean(dim=2, keepdim=True)
-    return (x - x_mean) * (_uniform(x.shape[0], x, generator) * 2) + x_mean
+    return (x - x_mean) * (u.to(x.dtype).view(-1, 1, 1, 1, 1) * 2) + x_mean
 
 
-def rand_contrast(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scale each frame's deviation from its own mean (over C, H, W) by U(0.5, 1.5)."""
+def contrast(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Scale each frame's deviation from its own mean (over C, H, W) by u + 0.5."""
     x_mean = x.mean(dim=(2, 3, 4), keepdim=True)
-    return (x - x_mean) * (_uniform(x.shape[0], x, generator) + 0.5) + x_mean
+    return (x - x_mean) * (u.to(x.dtype).view(-1, 1, 1, 1, 1) + 0.5) + x_mean
 
 
 def _shift_index(size: int, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,18 +56,15 @@ def _shift_index(size: int, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return src.clamp(0, size - 1), inside
 
 
-def rand_translation(x: torch.Tensor, ratio: float = 0.125, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integer shift of up to +-round(ratio * side) pixels in each axis, zero padding.
+def translate(x: torch.Tensor, t_x: torch.Tensor, t_y: torch.Tensor) -> torch.Tensor:
+    """out[i, j] = in[i + t_x, j + t_y] (integer shifts [N] along H and W), 0 where that falls outside.
 
-    Same convention as the official code: out[i, j] = in[i + t_x, j + t_y], 0 where that falls outside.
-    Implemented as one gather over the flattened H*W grid (cheaper than the official meshgrid indexing).
+    Same convention as the official code; one gather over the flattened H*W grid (cheaper than the
+    official meshgrid indexing).
     """
     n, _, _, h, w = x.shape
-    shift_h, shift_w = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    t_x = _randint(-shift_h, shift_h + 1, n, x, generator)
-    t_y = _randint(-shift_w, shift_w + 1, n, x, generator)
-    src_h, in_h = _shift_index(h, t_x)  # [N, H]
-    src_w, in_w = _shift_index(w, t_y)  # [N, W]
+    src_h, in_h = _shift_index(h, t_x.to(x.device).long())  # [N, H]
+    src_w, in_w = _shift_index(w, t_y.to(x.device).long())  # [N, W]
     index = (src_h.unsqueeze(2) * w + src_w.unsqueeze(1)).flatten(1)  # [N, H*W]
     mask = (in_h.unsqueeze(2) & in_w.unsqueeze(1)).to(x.dtype).view(n, 1, 1, h, w)
     flat = x.flatten(3)  # [N, 2, C, H*W]
@@ -73,16 +72,53 @@ def rand_translation(x: torch.Tensor, ratio: float = 0.125, generator: torch.Gen
     return out * mask
 
 
-def rand_cutout(x: torch.Tensor, ratio: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero a (ratio*H) x (ratio*W) square at a random centre (not in DIGAN's shipped policy)."""
+def cutout(x: torch.Tensor, off_h: torch.Tensor, off_w: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
+    """Zero a (ratio*H) x (ratio*W) square whose top-left corner is at (off_h, off_w) - size // 2."""
     n, _, _, h, w = x.shape
     size_h, size_w = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    off_h = _randint(0, h + (1 - size_h % 2), n, x, generator) - size_h // 2
-    off_w = _randint(0, w + (1 - size_w % 2), n, x, generator) - size_w // 2
+    off_h = off_h.to(x.device).long() - size_h // 2
+    off_w = off_w.to(x.device).long() - size_w // 2
     rows = torch.arange(h, device=x.device).unsqueeze(0) - off_h.unsqueeze(1)  # [N, H]
     cols = torch.arange(w, device=x.device).unsqueeze(0) - off_w.unsqueeze(1)
     cut = ((rows >= 0) & (rows < size_h)).unsqueeze(2) & ((cols >= 0) & (cols < size_w)).unsqueeze(1)
     return x * (~cut).to(x.dtype).view(n, 1, 1, h, w)
+
+
+def _translation_range(size: int, ratio: float) -> int:
+    return int(size * ratio + 0.5)
+
+
+def rand_brightness(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x + U(-0.5, 0.5)."""
+    return brightness(x, _uniform(x.shape[0], x, generator))
+
+
+def rand_saturation(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scale each pixel's deviation from its channel mean by U(0, 2)."""
+    return saturation(x, _uniform(x.shape[0], x, generator))
+
+
+def rand_contrast(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scale each frame's deviation from its own mean (over C, H, W) by U(0.5, 1.5)."""
+    return contrast(x, _uniform(x.shape[0], x, generator))
+
+
+def rand_translation(x: torch.Tensor, ratio: float = 0.125, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integer shift of up to +-round(ratio * side) pixels in each axis, zero padding."""
+    n, _, _, h, w = x.shape
+    shift_h, shift_w = _translation_range(h, ratio), _translation_range(w, ratio)
+    t_x = _randint(-shift_h, shift_h + 1, n, x, generator)
+    t_y = _randint(-shift_w, shift_w + 1, n, x, generator)
+    return translate(x, t_x, t_y)
+
+
+def rand_cutout(x: torch.Tensor, ratio: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero a (ratio*H) x (ratio*W) square at a random centre (not in DIGAN's shipped policy)."""
+    n, _, _, h, w = x.shape
+    size_h, size_w = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    off_h = _randint(0, h + (1 - size_h % 2), n, x, generator)
+    off_w = _randint(0, w + (1 - size_w % 2), n, x, generator)
+    return cutout(x, off_h, off_w, ratio)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,7 +128,10 @@ class DiffAugment:
     """DiffAugment for frame pairs: the same random parameters for both frames of a pair.
 
     `policy` is a comma-separated subset of "color,translation,cutout" (official order of application);
-    "" disables augmentation (the pair is returned unchanged).
+    "" disables augmentation (the pair is returned unchanged). A call draws the parameters
+    (`sample`, in the official order: brightness, saturation, contrast, translation x then y, cutout)
+    and applies them (`apply`); `apply` alone replays parameters drawn elsewhere (e.g. recorded from
+    the official code by tests/golden/make_train_golden.py).
     """
 
     def __init__(self, policy: str = "color,translation", translation_ratio: float = 0.125, cutout_ratio: float = 0.5):
@@ -103,20 +142,47 @@ class DiffAugment:
         self.translation_ratio = translation_ratio
         self.cutout_ratio = cutout_ratio
 
-    def __call__(self, pair: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if pair.ndim != 5 or pair.shape[1] != 2:
-            raise ValueError(f"DiffAugment expects pairs [N, 2, C, H, W], got {list(pair.shape)}")
+    def sample(self, pair: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The random parameters for a batch of pairs [N, 2, C, H, W]: one value (or offset pair) per pair.
+
+        Keys: brightness, saturation, contrast (U(0, 1) draws), translation_x/_y (integer shifts),
+        cutout_x/_y (integer centres), for the ops in the policy.
+        """
+        n, _, _, h, w = pair.shape
+        params: dict[str, torch.Tensor] = {}
+        for p in self.policy:
+            if p == "color":
+                for key in ("brightness", "saturation", "contrast"):
+                    params[key] = _uniform(n, pair, generator).view(n)
+            elif p == "translation":
+                sh, sw = _translation_range(h, self.translation_ratio), _translation_range(w, self.translation_ratio)
+                params["translation_x"] = _randint(-sh, sh + 1, n, pair, generator)
+                params["translation_y"] = _randint(-sw, sw + 1, n, pair, generator)
+            elif p == "cutout":
+                size_h, size_w = int(h * self.cutout_ratio + 0.5), int(w * self.cutout_ratio + 0.5)
+                params["cutout_x"] = _randint(0, h + (1 - size_h % 2), n, pair, generator)
+                params["cutout_y"] = _randint(0, w + (1 - size_w % 2), n, pair, generator)
+        return params
+
+    def apply(self, pair: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Apply given parameters (see `sample`) in the policy's order."""
         x = pair
         for p in self.policy:
             if p == "color":
-                x = rand_brightness(x, generator)
-                x = rand_saturation(x, generator)
-                x = rand_contrast(x, generator)
+                x = contrast(saturation(brightness(x, params["brightness"]), params["saturation"]),
+                             params["contrast"])
             elif p == "translation":
-                x = rand_translation(x, self.translation_ratio, generator)
+                x = translate(x, params["translation_x"], params["translation_y"])
             elif p == "cutout":
-                x = rand_cutout(x, self.cutout_ratio, generator)
+                x = cutout(x, params["cutout_x"], params["cutout_y"], self.cutout_ratio)
         return x
+
+    def __call__(self, pair: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if pair.ndim != 5 or pair.shape[1] != 2:
+            raise ValueError(f"DiffAugment expects pairs [N, 2, C, H, W], got {list(pair.shape)}")
+        if not self.policy:
+            return pair
+        return self.apply(pair, self.sample(pair, generator))
 
     def __repr__(self) -> str:
         return f"DiffAugment(policy={','.join(self.policy)!r}, translation_ratio={self.translation_ratio})"
