@@ -1,6 +1,7 @@
 """The recipe's maths on small real modules: R1 vs finite differences, EMA closed form, lazy-reg Adam
-rescaling, DiffAugment properties, time sampling, and the step protocol (one backward per updater,
-D frozen in G's step)."""
+rescaling, DiffAugment properties, time sampling, and the step protocol (official phase order, one
+backward per updater and phase, D frozen in G's step, the separate R1 schedule's 17 D steps per 16
+iterations with the R1 gradient alone in its own step)."""
 
 import math
 
@@ -9,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digan.config import OptimConfig, load_config
-from digan.training import (EMA, DIGANLoss, DiffAugment, DiscriminatorPair, PlainUpdater, adam_kwargs, build_adam,
-                            d_step, frozen, g_step, motion_input, random_xflip, sample_time_pairs, sanitize_grads_,
-                            stats_to_floats, train_step)
+from digan.config import ConfigError, LossConfig, OptimConfig, load_config
+from digan.training import (EMA, DIGANLoss, DiffAugment, DiscriminatorPair, PlainUpdater, SingleProcessTrainer,
+                            adam_kwargs, build_adam, d_reg_interval, d_step, frozen, g_step, motion_input,
+                            random_xflip, sample_time_pairs, sanitize_grads_, stats_to_floats, train_step)
 from digan.training.augment import rand_translation
 
 
@@ -109,6 +110,10 @@ def test_r1_matches_finite_differences(policy):
     torch.testing.assert_close(stats["r1_penalty_I"], r1_I, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(stats["r1"], 0.35 * (r1_M + r1_I), rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(total - stats["loss_D"], 5 * stats["r1"].to(total.dtype), rtol=1e-6, atol=1e-9)
+    # The separate schedule's R1 loss (its own forward of the reals): the same penalty, alone, x interval.
+    r1_total, r1_stats = loss.r1_loss(D_img, D_mot, real_pair, real_dt)
+    torch.testing.assert_close(r1_stats["r1"], 0.35 * (r1_M + r1_I), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(r1_total, 5 * r1_stats["r1"].to(r1_total.dtype), rtol=1e-6, atol=1e-9)
 
 
 def test_r1_off_step_has_no_penalty_and_gradient_reaches_D():
@@ -203,6 +208,9 @@ def test_adam_lazy_reg_rescaling_matches_reference():
     assert d["betas"] == (0.0, pytest.approx(0.99 ** (16 / 17))) and d["betas"][1] == pytest.approx(0.9906, abs=5e-5)
     assert g["eps"] == d["eps"] == 1e-8
     assert adam_kwargs(OptimConfig(lr=0.01), 0) == {"lr": 0.01, "betas": (0.0, 0.99), "eps": 1e-8}
+    # D's rescaling follows the R1 schedule: separate (official) 16/17, folded none (one D step per iteration).
+    assert d_reg_interval(LossConfig(r1_interval=16)) == 16
+    assert d_reg_interval(LossConfig(r1_interval=16, r1_schedule="folded")) == 0
     opt = build_adam(nn.Linear(2, 2).parameters(), cfg, 16)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0025 * 16 / 17)
     assert opt.param_groups[0]["betas"][1] == pytest.approx(0.99 ** (16 / 17))
@@ -327,6 +335,7 @@ def test_train_step_protocol():
     d_up = CountingUpdater(D, torch.optim.Adam(D.parameters(), lr=1e-3))
     ema = EMA(TinyG(8), batch_size=4, ema_kimg=0.01)
     loss = DIGANLoss(r1_gamma=1.0, r1_interval=2)
+    assert loss.r1_schedule == "separate"  # the default
     real = torch.rand(4, 2, 3, 8, 8) * 2 - 1
 
     # D step: G receives no gradient.
@@ -343,16 +352,180 @@ def test_train_step_protocol():
     with frozen(D_img):
         assert not any(p.requires_grad for p in D_img.parameters())
 
-    g_up.backwards = g_up.steps = d_up.backwards = d_up.steps = 0
-    history = []
-    for step in range(4):
-        w_before = D_mot.fc.weight.detach().clone()
-        stats = train_step(G, D_img, D_mot, g_up, d_up, loss, ema, real, torch.rand(4), step, cur_nimg=4 * step)
-        history.append(stats_to_floats(stats))
-        assert not torch.equal(w_before, D_mot.fc.weight)
-    assert (g_up.backwards, g_up.steps, d_up.backwards, d_up.steps) == (4, 4, 4, 4)  # one of each per step
-    assert ["r1" in h for h in history] == [True, False, True, False]
-    assert [h["kimg"] for h in history] == pytest.approx([0.004, 0.008, 0.012, 0.016])
-    assert history[0]["ema_beta"] == 0.0
-    for key in ("loss_G", "loss_D", "D_M_real", "D_M_fake", "D_I_real", "D_I_fake"):
-        assert all(math.isfinite(h[key]) for h in history)
+    for schedule, d_calls in [("separate", 6), ("folded", 4)]:
+        loss.r1_schedule = schedule
+        g_up.backwards = g_up.steps = d_up.backwards = d_up.steps = 0
+        history = []
+        for step in range(4):
+            w_before = D_mot.fc.weight.detach().clone()
+            stats = train_step(G, D_img, D_mot, g_up, d_up, loss, ema, real, torch.rand(4), step, cur_nimg=4 * step)
+            history.append(stats_to_floats(stats))
+            assert not torch.equal(w_before, D_mot.fc.weight)
+        # one backward per step() and phase: G 1 per iteration; D 1, plus its R1 step on R1 iterations (separate)
+        assert (g_up.backwards, g_up.steps, d_up.backwards, d_up.steps) == (4, 4, d_calls, d_calls), schedule
+        assert ["r1" in h for h in history] == [True, False, True, False]
+        assert [h["d_steps"] for h in history] == ([2, 1, 2, 1] if schedule == "separate" else [1, 1, 1, 1])
+        assert [h["kimg"] for h in history] == pytest.approx([0.004, 0.008, 0.012, 0.016])
+        assert history[0]["ema_beta"] == 0.0
+        for key in ("loss_G", "loss_D", "D_M_real", "D_M_fake", "D_I_real", "D_I_fake"):
+            assert all(math.isfinite(h[key]) for h in history)
+
+
+def test_r1_schedule_config_key():
+    assert load_config("demo-32").loss.r1_schedule == "separate"
+    assert load_config("demo-32", ["loss.r1_schedule=folded"]).loss.r1_schedule == "folded"
+    with pytest.raises(ConfigError, match=r"^loss\.r1_schedule='both': choose separate \(official\) or folded$"):
+        load_config("demo-32", ["loss.r1_schedule=both"])
+    with pytest.raises(ValueError, match="r1_schedule"):
+        DIGANLoss(r1_schedule="both")
+
+
+class PhaseRecorder(DIGANLoss):
+    """Records, in call order, every latent draw (z) and every augmentation draw (its parameters)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.events = []
+        aug = DiffAugment("color,translation", translation_ratio=0.25)
+
+        def augment(pair):
+            params = aug.sample(pair)
+            self.events.append(("augment", params))
+            return aug.apply(pair, params)
+
+        self.augment = augment
+
+    def sample_latents(self, G, batch_size):
+        z, z_M, t = super().sample_latents(G, batch_size)
+        self.events.append(("latents", (z, z_M, t)))
+        return z, z_M, t
+
+
+def test_official_phase_order_and_fresh_draws_per_phase():
+    """Gmain, Dmain, Dreg in that order; each phase renders its own fresh latents and draws its own
+    augmentation (the official loop: a z chunk per phase, Ts and z_motion drawn in every run_G, one
+    DiffAugment draw per run_D). xflip is drawn once per iteration: both D steps see the same reals."""
+    G, D_img, D_mot = tiny_nets()
+    D = DiscriminatorPair(D_img, D_mot)
+    loss = PhaseRecorder(r1_gamma=1.0, r1_interval=2, xflip=True)
+    g_up = PlainUpdater(G, torch.optim.Adam(G.parameters(), lr=1e-3))
+    d_up = PlainUpdater(D, torch.optim.Adam(D.parameters(), lr=1e-3))
+    ema = EMA(TinyG(8), batch_size=4, ema_kimg=0.01)
+    reals_seen = []
+    run_D = loss.run_D
+
+    def spy_run_D(D_img_, D_mot_, x):
+        reals_seen.append(x.detach().clone())
+        return run_D(D_img_, D_mot_, x)
+
+    loss.run_D = spy_run_D
+    real = torch.rand(8, 2, 3, 8, 8) * 2 - 1
+    train_step(G, D_img, D_mot, g_up, d_up, loss, ema, real, torch.rand(8), step=0, cur_nimg=0)
+    kinds = [k for k, _ in loss.events]
+    # G: latents, D(fake); D: latents, D(fake), D(real); R1: D(real)
+    assert kinds == ["latents", "augment", "latents", "augment", "augment", "augment"]
+    z_g, z_d = loss.events[0][1], loss.events[2][1]
+    assert all(not torch.equal(a, b) for a, b in zip(z_g, z_d))  # fresh z, z_M and t for D's phase
+    augs = [p for k, p in loss.events if k == "augment"]
+    for i in range(len(augs)):
+        for j in range(i):
+            assert not torch.equal(augs[i]["brightness"], augs[j]["brightness"])  # own draw per forward
+    # the real forwards of D's step and of its R1 step see the same (flipped) reals
+    torch.testing.assert_close(reals_seen[2], reals_seen[3], rtol=0, atol=0)
+    loss.events.clear()
+    train_step(G, D_img, D_mot, g_up, d_up, loss, ema, real, torch.rand(8), step=1, cur_nimg=8)
+    assert [k for k, _ in loss.events] == ["latents", "augment", "latents", "augment", "augment"]  # no R1
+
+
+def _adam_steps(opt: torch.optim.Optimizer) -> int:
+    """Optimizer steps taken, from Adam's own per-parameter state: the most any parameter took.
+
+    (A parameter that R1's input gradient does not depend on, e.g. the last layer's bias, gets no
+    gradient in the R1 step and Adam skips it there, as in the official code.)
+    """
+    return max(int(st["step"]) for st in opt.state.values())
+
+
+@pytest.mark.parametrize("schedule, d_steps", [("separate", 17), ("folded", 16)])
+def test_d_takes_the_official_number_of_optimizer_steps(schedule, d_steps):
+    """Official lazy R1 at interval 16: Dmain every iteration plus Dreg on iterations 0, 16, ... = 17 D
+    steps per 16 iterations, G 16 (its Greg step is empty: pl_weight = 0). Counted by Adam itself;
+    the D optimizer's lr/betas carry the 16/17 rescaling only in the separate schedule."""
+    cfg = load_config("demo-32", ["model.resolution=8", "model.input_resolution=4", "model.channel_max=8",
+                                  "model.d_channel_max=8", "model.z_dim=8", "model.w_dim=8", "model.motion_z_dim=8",
+                                  "model.coord_emb_size=4", "train.batch_size=2", "model.mbstd_group=2",
+                                  "loss.r1_interval=16", "loss.r1_gamma=1.0", f"loss.r1_schedule={schedule}"])
+    trainer = SingleProcessTrainer(cfg, seed=0)
+    real = torch.rand(2, 2, 3, 8, 8) * 2 - 1
+    for _ in range(16):
+        trainer.train_step(real, torch.rand(2))
+    assert _adam_steps(trainer.d_updater.optimizer) == d_steps
+    assert _adam_steps(trainer.g_updater.optimizer) == 16
+    # the only D parameters without the R1 step: the two output biases (R1 does not depend on them)
+    state = trainer.d_updater.optimizer.state
+    skipped = [n for n, p in trainer.D.named_parameters() if int(state[p]["step"]) < d_steps]
+    assert skipped == ([] if schedule == "folded" else ["img.epilogue.out.bias", "mot.epilogue.out.bias"])
+    r = 16 / 17 if schedule == "separate" else 1.0
+    group = trainer.d_updater.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(cfg.optim.lr * r) and group["betas"][1] == pytest.approx(0.99 ** r)
+    trainer.train_step(real, torch.rand(2))  # iteration 16: the next R1 iteration
+    assert _adam_steps(trainer.d_updater.optimizer) == d_steps + (2 if schedule == "separate" else 1)
+
+
+class GradCapture(PlainUpdater):
+    """Keeps a copy of every step's gradients and of the weights they were taken at."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def step(self):
+        self.seen.append(([p.grad.detach().clone() if p.grad is not None else None for p in self.module.parameters()],
+                          [p.detach().clone() for p in self.module.parameters()]))
+        super().step()
+
+
+def test_separate_r1_step_applies_the_x16_penalty_alone():
+    """The R1 step's gradient is exactly that of 16 * gamma/2 * (E|grad_x D_M|^2 + E|grad_y D_I|^2) at D's
+    weights after its main step: no adversarial term in it, and the main step has no R1 term."""
+    G, D_img, D_mot = tiny_nets()
+    D = DiscriminatorPair(D_img, D_mot)
+    gamma, interval = 0.3, 16
+    aug = fixed_augment()
+    loss = DIGANLoss(r1_gamma=gamma, r1_interval=interval, xflip=False, augment=aug)
+    g_up = PlainUpdater(G, torch.optim.Adam(G.parameters(), lr=1e-3))
+    d_up = GradCapture(D, torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.99)))
+    ema = EMA(TinyG(8), batch_size=4, ema_kimg=0.01)
+    real, dt = torch.rand(4, 2, 3, 8, 8) * 2 - 1, torch.rand(4)
+    torch.manual_seed(5)
+    train_step(G, D_img, D_mot, g_up, d_up, loss, ema, real, dt, step=0, cur_nimg=0)
+    assert len(d_up.seen) == 2
+    (main_grads, main_weights), (r1_grads, r1_weights) = d_up.seen
+
+    def r1_reference(weights):
+        """An independent transcription of the official Dreg loss (loss.py, phase Dreg) on a copy of D."""
+        D_ref = DiscriminatorPair(TinyD(3), TinyD(7))
+        with torch.no_grad():
+            for p, w in zip(D_ref.parameters(), weights):
+                p.copy_(w)
+        x = motion_input(real, dt).detach().requires_grad_(True)
+        pair = aug(x[:, :6].unflatten(1, (2, 3)))
+        logits_M = D_ref.mot(torch.cat([pair.flatten(1, 2), x[:, 6:]], dim=1))
+        frames = pair.flatten(0, 1)
+        logits_I = D_ref.img(frames)
+        (g_M,) = torch.autograd.grad(logits_M.sum(), x, create_graph=True)
+        (g_I,) = torch.autograd.grad(logits_I.sum(), frames, create_graph=True)
+        penalty = ((g_M.square().sum([1, 2, 3]) * (gamma / 2)).mean()
+                   + (g_I.square().sum([1, 2, 3]) * (gamma / 2)).mean())
+        return torch.autograd.grad(penalty * interval, list(D_ref.parameters()), allow_unused=True)
+
+    # the R1 step ran at the weights the main step left (its own step, after the main one)
+    assert any(not torch.equal(a, b) for a, b in zip(main_weights, r1_weights))
+    for got, want in zip(r1_grads, r1_reference(r1_weights)):
+        if want is None:  # the output biases: no R1 gradient, so no Adam step for them either
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # and the main step's gradient is not that (nor does it contain it: it is the adversarial one)
+    for got, want in zip(main_grads, r1_reference(main_weights)):
+        assert got is not None and (want is None or not torch.allclose(got, want))

@@ -123,7 +123,7 @@ def test_keyed_latents_do_not_depend_on_how_the_batch_is_split():
     torch.testing.assert_close(torch.cat([h[1] for h in halves]), z_M, rtol=0, atol=0)
     torch.testing.assert_close(torch.cat([h[2] for h in halves]), t, rtol=0, atol=0)
     assert (t[:, 0] <= t[:, 1]).all() and ((t >= 0) & (t <= 1)).all()
-    # a fresh draw per phase (D step, then G step) and per step
+    # a fresh draw per phase (G step, then D step) and per step
     z2, _, _ = full.draw(4, 3)
     full.begin_step(6, torch.arange(8))
     z3, _, _ = full.draw(4, 3)

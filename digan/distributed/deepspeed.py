@@ -66,7 +66,11 @@ def initialize_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 class DeepSpeedUpdater:
-    """The recipe's `Updater` on a DeepSpeed engine: one `engine.backward` and one `engine.step` per step.
+    """The recipe's `Updater` on a DeepSpeed engine: one `engine.backward` and one `engine.step` per phase.
+
+    The D engine takes two phases on separate-R1 iterations (D step, R1 step), so its own step counter
+    (`engine.global_steps`) runs ahead of the iteration count (17 per 16 iterations at r1_interval 16);
+    the run's step accounting counts iterations (`GANRuntime.step`), never engine steps.
 
     Gradients are sanitised by hooks installed here (see the module docstring); `step()` then only
     calls `engine.step()`, which reduces (ZeRO-0/1) or finalises (ZeRO-2) the gradients, runs Adam and

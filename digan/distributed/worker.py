@@ -4,17 +4,19 @@ Build order (one function per block below): config -> rank/device -> models (sam
 -> G_ema copy -> DeepSpeed engines (G; D_I + D_M in one engine) -> loss with keyed latents -> data of
 this rank -> resume from Ray's latest checkpoint -> loop -> final checkpoint.
 
-Each iteration runs the framework-free recipe (`digan.training.train_step`): one D step with lazy R1
-folded into D's loss, one G step with D frozen, the EMA update; every forward goes through
-`engine.module`, the engines only do `backward` and `step` (DeepSpeedUpdater). Step boundaries where
+Each iteration runs the framework-free recipe (`digan.training.train_step`) in the official phase
+order: one G step with D frozen, one D step, on lazy-R1 iterations D's separate R1 step (or R1 folded
+into the D step with loss.r1_schedule=folded), the EMA update; every forward goes through
+`engine.module`, the engines only do `backward` and `step` (DeepSpeedUpdater), once per phase. Step boundaries where
 something happens (log, checkpoint, sample, metrics, stop) are functions of the step count and of the
 SIGTERM flag broadcast from rank 0, so every rank takes the same branches and calls
 `ray.train.report` the same number of times (it is a barrier).
 
-Why both discriminators share one engine: the official D phase updates D_I and D_M with one optimizer
-from one summed loss, and a DeepSpeed engine takes exactly one `backward` per `step`. One engine keeps
-that shape (one backward of the summed loss incl. both R1 terms, one step, one set of all-reduce
-buckets), where two engines would need either two forward/backward passes or `retain_graph` tricks.
+Why both discriminators share one engine: the official D phases (Dmain, Dreg) update D_I and D_M with
+one optimizer from one summed loss each, and a DeepSpeed engine takes exactly one `backward` per
+`step`. One engine keeps that shape (per phase one backward of the summed loss, one step, one set of
+all-reduce buckets), where two engines would need either two forward/backward passes or `retain_graph`
+tricks.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from digan.distributed.deepspeed import DeepSpeedUpdater, build_ds_config, initi
 from digan.distributed.utils import (any_rank, barrier, dist_mean, dist_sum, rng_state, seed_everything,
                                      seed_for_rank, set_rng_state)
 from digan.malloc import configure_malloc
-from digan.training import EMA, DIGANLoss, DiscriminatorPair, build_adam, sample_time_pairs, train_step
+from digan.training import (EMA, DIGANLoss, DiscriminatorPair, build_adam, d_reg_interval, sample_time_pairs,
+                            train_step)
 
 # ----------------------------------------------------------------------------------------------------
 # Latents keyed by global sample index.
@@ -60,7 +63,7 @@ class KeyedLatents:
     same fake videos for the same global batch (the data-parallel test relies on it; it also makes a
     resumed run on another number of workers draw the same latents). The cost is a draw of
     global_batch x (z_dim + motion_z_dim) numbers per phase, negligible next to a GAN step.
-    Phases count the calls within a step (D step's fakes, then G step's fakes: fresh z for each).
+    Phases count the calls within a step (G step's fakes, then D step's fakes: fresh z for each).
     """
 
     def __init__(self, seed: int, global_batch: int):
@@ -84,20 +87,18 @@ class KeyedLatents:
 class KeyedLatentLoss(DIGANLoss):
     """DIGANLoss whose fake samples use `KeyedLatents` instead of the global RNG (augmentation unchanged).
 
-    Overrides only where z, z_M and t come from; the rendering is the recipe's `G(z, z_M, t)`.
+    Overrides only where z, z_M and t come from (`sample_latents`); the rendering is the recipe's.
     """
 
     def __init__(self, latents: KeyedLatents, **kwargs: Any):
         super().__init__(**kwargs)
         self.latents = latents
 
-    def generate_pairs(self, G: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_latents(self, G: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z, z_M, t = self.latents.draw(G.z_dim, G.motion_z_dim)
         if z.shape[0] != batch_size:
             raise RuntimeError(f"keyed latents: {z.shape[0]} sample ids for a batch of {batch_size}")
-        p = next(G.parameters())
-        pair = G(z.to(p.device, p.dtype), z_M.to(p.device, p.dtype), t.to(p.device, p.dtype))
-        return pair, (t[:, 1] - t[:, 0]).to(p.device)
+        return z, z_M, t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,14 +129,12 @@ class GANRuntime:
         ds_config = build_ds_config(cfg.dist, self.batch_per_worker)
         _skip_shm_comm_build(device)
         g_opt = build_adam(G.parameters(), cfg.optim, cfg.loss.g_reg_interval)
-        d_opt = build_adam(D.parameters(), cfg.optim, cfg.loss.r1_interval)
+        d_opt = build_adam(D.parameters(), cfg.optim, d_reg_interval(cfg.loss))
         self.g = DeepSpeedUpdater(initialize_engine(G, g_opt, ds_config, device), cfg.optim.grad_clamp)
         self.d = DeepSpeedUpdater(initialize_engine(D, d_opt, ds_config, device), cfg.optim.grad_clamp)
 
         self.latents = KeyedLatents(cfg.train.seed, cfg.train.batch_size)
-        self.loss = KeyedLatentLoss(self.latents, r1_gamma=cfg.loss.r1_gamma, r1_interval=cfg.loss.r1_interval,
-                                    diffaug_policy=cfg.loss.diffaug_policy,
-                                    translation_ratio=cfg.loss.translation_ratio, xflip=cfg.loss.xflip)
+        self.loss = KeyedLatentLoss(self.latents, **DIGANLoss.config_kwargs(cfg.loss))
         # Augmentation and xflip draw from this rank's own stream.
         seed_everything(seed_for_rank(cfg.train.seed, rank))
         self.step = 0  # iterations done

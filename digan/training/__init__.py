@@ -1,4 +1,4 @@
-"""digan.training: the DIGAN recipe (loss, lazy R1, DiffAugment, EMA, Adam settings, one train step).
+"""digan.training: the DIGAN recipe (loss, lazy R1, DiffAugment, EMA, Adam settings, one iteration).
 
 No Ray or DeepSpeed here: the distributed worker supplies DeepSpeed-backed `Updater`s and calls
 `train_step` with the engines' modules.
@@ -7,12 +7,13 @@ No Ray or DeepSpeed here: the distributed worker supplies DeepSpeed-backed `Upda
 from digan.training.augment import DiffAugment, random_xflip
 from digan.training.ema import EMA
 from digan.training.loss import DIGANLoss, motion_input, sample_time_pairs
-from digan.training.optim import PlainUpdater, Updater, adam_kwargs, build_adam, lazy_reg_ratio, sanitize_grads_
-from digan.training.recipe import (DiscriminatorPair, SingleProcessTrainer, d_step, fit, frozen, g_step,
+from digan.training.optim import (PlainUpdater, Updater, adam_kwargs, build_adam, d_reg_interval, lazy_reg_ratio,
+                                  sanitize_grads_)
+from digan.training.recipe import (DiscriminatorPair, SingleProcessTrainer, d_step, fit, frozen, g_step, r1_step,
                                    stats_to_floats, train_step)
 
 __all__ = [
     "DiffAugment", "random_xflip", "EMA", "DIGANLoss", "motion_input", "sample_time_pairs", "PlainUpdater", "Updater",
-    "adam_kwargs", "build_adam", "lazy_reg_ratio", "sanitize_grads_", "DiscriminatorPair", "SingleProcessTrainer",
-    "d_step", "fit", "frozen", "g_step", "stats_to_floats", "train_step",
+    "adam_kwargs", "build_adam", "d_reg_interval", "lazy_reg_ratio", "sanitize_grads_", "DiscriminatorPair",
+    "SingleProcessTrainer", "d_step", "fit", "frozen", "g_step", "r1_step", "stats_to_floats", "train_step",
 ]

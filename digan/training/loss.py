@@ -1,10 +1,10 @@
-"""DIGAN's loss: non-saturating logistic GAN loss on two discriminators, lazy R1 folded into D's loss.
+"""DIGAN's loss: non-saturating logistic GAN loss on two discriminators, lazy R1.
 
 Paper §3 / official `loss.py` (OurStyleGAN2Loss):
 
     L_G = E softplus(-D_M(aug(fake_pair), Δt)) + E softplus(-D_I(aug(fake_frames)))
     L_D = E[softplus(D_M(fake)) + softplus(-D_M(real))] + E[softplus(D_I(fake)) + softplus(-D_I(real))]
-          + r1_interval * gamma/2 * (E ||∇_x D_M(x)||² + E ||∇_y D_I(y)||²)       (on lazy R1 steps only)
+    L_R1 = r1_interval * gamma/2 * (E ||∇_x D_M(x)||² + E ||∇_y D_I(y)||²)       (on lazy R1 iterations only)
 
 with x the UN-augmented 7-channel real input of D_M (Δt plane included; the gradient flows back through
 the augmentation) and y the AUGMENTED real frames that D_I sees, exactly as the official code does.
@@ -13,8 +13,14 @@ frames as separate images.
 
 The nets are arguments (EDM style): the loss owns no modules, runs every forward through the modules it
 is given (under DeepSpeed these are `engine.module`, see `recipe.py`) and never calls `.backward()`.
-The official code runs R1 as its own optimizer step (phase "Dreg"); here it is summed into the one D
-loss of that step, because a DeepSpeed engine keeps only the last backward before `step()`.
+
+Lazy R1 has two schedules (`loss.r1_schedule`):
+  - "separate" (default, official phase "Dreg"): on R1 iterations the penalty is its own loss
+    (`r1_loss`) with its own real forward and augmentation draw, and D takes its own optimizer step on
+    it, so D takes 17 steps per 16 iterations and the x16 R1 gradient does not share Adam's
+    normalisation with the adversarial one;
+  - "folded": the penalty is added to that iteration's adversarial D loss (`d_loss(..., do_r1=True)`),
+    one forward of the reals and one D step per iteration.
 """
 
 from __future__ import annotations
@@ -79,37 +85,69 @@ def _grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
     return _fp32_up(g).square().flatten(1).sum(1)
 
 
+R1_SCHEDULES = ("separate", "folded")
+
+
 class DIGANLoss:
-    """Losses for one D step (`d_loss`) and one G step (`g_loss`); each draws fresh z, z_M and t."""
+    """Losses for G's step (`g_loss`), D's step (`d_loss`) and D's R1 step (`r1_loss`).
+
+    Every call that renders fakes draws fresh z, z_M and t (`sample_latents`; a subclass may take them
+    from elsewhere, e.g. the worker's keyed latents), and every D forward draws its own augmentation.
+    """
 
     def __init__(self, r1_gamma: float = 1.0, r1_interval: int = 16, diffaug_policy: str = "color,translation",
                  translation_ratio: float = 0.125, xflip: bool = True,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, r1_schedule: str = "separate"):
+        if r1_schedule not in R1_SCHEDULES:
+            raise ValueError(f"r1_schedule={r1_schedule!r}: choose {' or '.join(R1_SCHEDULES)}")
         self.r1_gamma = r1_gamma  # R1 weight: the penalty is gamma/2 * ||grad||^2
-        self.r1_interval = r1_interval  # lazy R1 every this many steps (and scaled by it); 0 = never
+        self.r1_interval = r1_interval  # lazy R1 every this many iterations (and scaled by it); 0 = never
+        self.r1_schedule = r1_schedule  # "separate" (own D step, official) or "folded" (into D's step)
         # pair [N,2,3,H,W] -> pair; DiffAugment unless a caller injects its own (tests fix the randomness).
         self.augment = augment if augment is not None else DiffAugment(diffaug_policy, translation_ratio)
         self.xflip = xflip
 
+    @staticmethod
+    def config_kwargs(cfg: LossConfig) -> dict:
+        """Constructor arguments from a `LossConfig` (also for subclasses such as the worker's)."""
+        return {"r1_gamma": cfg.r1_gamma, "r1_interval": cfg.r1_interval, "diffaug_policy": cfg.diffaug_policy,
+                "translation_ratio": cfg.translation_ratio, "xflip": cfg.xflip, "r1_schedule": cfg.r1_schedule}
+
     @classmethod
     def from_config(cls, cfg: LossConfig) -> "DIGANLoss":
-        return cls(r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval, diffaug_policy=cfg.diffaug_policy,
-                   translation_ratio=cfg.translation_ratio, xflip=cfg.xflip)
+        return cls(**cls.config_kwargs(cfg))
 
     def r1_due(self, step: int) -> bool:
-        """Lazy R1 on steps 0, k, 2k, ... (StyleGAN2-ADA: `batch_idx % interval == 0`)."""
+        """Lazy R1 on iterations 0, k, 2k, ... (StyleGAN2-ADA: `batch_idx % interval == 0`)."""
         return self.r1_interval > 0 and self.r1_gamma > 0 and step % self.r1_interval == 0
+
+    @property
+    def separate_r1(self) -> bool:
+        return self.r1_schedule == "separate"
 
     # ------------------------------------------------------------------------------------------------
 
-    def generate_pairs(self, G: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Render 2 frames per video at sorted Beta times with fresh z and z_M: (pair [B,2,3,H,W], Δt [B])."""
+    def flip_reals(self, real_pair: torch.Tensor) -> torch.Tensor:
+        """The real batch as D sees it this iteration: xflip (when on) drawn once, like the official
+        dataset's mirror, so D's main step and its R1 step see the same reals."""
+        return random_xflip(real_pair) if self.xflip else real_pair
+
+    def sample_latents(self, G: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fresh z [B, z_dim], z_M [B, motion_z_dim] and sorted Beta times t [B, 2] (on G's device)."""
         device, dtype = _device_of(G), _dtype_of(G)
         z = torch.randn(batch_size, G.z_dim, device=device, dtype=dtype)
         z_M = torch.randn(batch_size, G.motion_z_dim, device=device, dtype=dtype)
         t = sample_time_pairs(batch_size, device=device)
-        pair = G(z, z_M, t.to(dtype))
-        return pair, t[:, 1] - t[:, 0]
+        return z, z_M, t
+
+    def generate_pairs(self, G: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Render 2 frames per video at `sample_latents`' times: (pair [B,2,3,H,W], Δt [B])."""
+        z, z_M, t = self.sample_latents(G, batch_size)
+        if z.shape[0] != batch_size:
+            raise RuntimeError(f"latents for {z.shape[0]} samples, batch of {batch_size}")
+        p = next(G.parameters())
+        pair = G(z.to(p.device, p.dtype), z_M.to(p.device, p.dtype), t.to(p.device, p.dtype))
+        return pair, (t[:, 1] - t[:, 0]).to(p.device)
 
     def run_D(self, D_img: torch.nn.Module, D_mot: torch.nn.Module, x: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,22 +163,32 @@ class DIGANLoss:
         logits_I = _fp32_up(D_img(frames_aug)).flatten()
         return logits_M, logits_I, frames_aug
 
-    def d_loss(self, G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, real_pair: torch.Tensor,
-               real_dt: torch.Tensor, do_r1: bool) -> tuple[torch.Tensor, Stats]:
-        """D's loss for one step (both discriminators, plus interval-scaled R1 when `do_r1`).
+    def _r1(self, real_M: torch.Tensor, real_I: torch.Tensor, x_real: torch.Tensor,
+            frames_aug: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        """gamma/2 (E|∇_x D_M|² + E|∇_y D_I|²) on a real forward whose input x_real requires grad."""
+        # Two separate grads: D_I's logits also depend on x_real (through the augmentation), so one
+        # joint call would mix D_I's gradient into D_M's penalty.
+        (g_M,) = torch.autograd.grad(real_M.sum(), x_real, create_graph=True)
+        (g_I,) = torch.autograd.grad(real_I.sum(), frames_aug, create_graph=True)
+        r1_M, r1_I = _grad_sq_norm(g_M).mean(), _grad_sq_norm(g_I).mean()
+        r1 = (self.r1_gamma / 2) * (r1_M + r1_I)
+        return r1, {"r1": r1.detach(), "r1_penalty_M": r1_M.detach(), "r1_penalty_I": r1_I.detach()}
 
-        real_pair [B, 2, 3, H, W] in [-1, 1] (earlier frame first), real_dt [B] = index gap / (N - 1).
-        G is only run forward, without building a graph: D's step must not touch G's gradients.
-        Stats: loss_D is the adversarial part; on R1 steps r1 = gamma/2 (|∇_M|² + |∇_I|²) before the
-        interval scaling, r1_penalty_{M,I} the raw mean squared gradient norms.
+    def d_loss(self, G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, real_pair: torch.Tensor,
+               real_dt: torch.Tensor, do_r1: bool = False) -> tuple[torch.Tensor, Stats]:
+        """D's adversarial loss for one step (both discriminators); with `do_r1` the folded schedule's
+        interval-scaled R1 on the same real forward is added.
+
+        real_pair [B, 2, 3, H, W] in [-1, 1] (earlier frame first, already flipped: `flip_reals`),
+        real_dt [B] = index gap / (N - 1). G is only run forward, without building a graph: D's step
+        must not touch G's gradients. Stats: loss_D is the adversarial part; with R1, r1 = gamma/2
+        (|∇_M|² + |∇_I|²) before the interval scaling, r1_penalty_{M,I} the raw mean squared norms.
         """
         batch_size = real_pair.shape[0]
         with torch.no_grad():
             fake_pair, fake_dt = self.generate_pairs(G, batch_size)
         fake_M, fake_I, _ = self.run_D(D_img, D_mot, motion_input(fake_pair, fake_dt))
 
-        if self.xflip:
-            real_pair = random_xflip(real_pair)
         x_real = motion_input(real_pair, real_dt).detach().requires_grad_(do_r1)
         real_M, real_I, frames_aug = self.run_D(D_img, D_mot, x_real)
 
@@ -151,15 +199,22 @@ class DIGANLoss:
                         "D_M_real": real_M.detach().mean(), "D_M_fake": fake_M.detach().mean(),
                         "D_I_real": real_I.detach().mean(), "D_I_fake": fake_I.detach().mean()}
         if do_r1:
-            # Two separate grads: D_I's logits also depend on x_real (through the augmentation), so one
-            # joint call would mix D_I's gradient into D_M's penalty.
-            (g_M,) = torch.autograd.grad(real_M.sum(), x_real, create_graph=True)
-            (g_I,) = torch.autograd.grad(real_I.sum(), frames_aug, create_graph=True)
-            r1_M, r1_I = _grad_sq_norm(g_M).mean(), _grad_sq_norm(g_I).mean()
-            r1 = (self.r1_gamma / 2) * (r1_M + r1_I)
+            r1, r1_stats = self._r1(real_M, real_I, x_real, frames_aug)
             loss = loss + r1 * self.r1_interval  # lazy regularisation: scaled by how rarely it runs
-            stats |= {"r1": r1.detach(), "r1_penalty_M": r1_M.detach(), "r1_penalty_I": r1_I.detach()}
+            stats |= r1_stats
         return loss, stats
+
+    def r1_loss(self, D_img: torch.nn.Module, D_mot: torch.nn.Module, real_pair: torch.Tensor,
+                real_dt: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        """The separate schedule's R1 loss (official phase "Dreg"): r1_interval * gamma/2 (...).
+
+        Its own forward of the reals (same batch as D's main step) with its own augmentation draw; the
+        logits enter only through the penalty's gradients. Stats as for `d_loss` with R1.
+        """
+        x_real = motion_input(real_pair, real_dt).detach().requires_grad_(True)
+        real_M, real_I, frames_aug = self.run_D(D_img, D_mot, x_real)
+        r1, stats = self._r1(real_M, real_I, x_real, frames_aug)
+        return r1 * self.r1_interval, stats
 
     def g_loss(self, G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module,
                batch_size: int) -> tuple[torch.Tensor, Stats]:

@@ -1,13 +1,21 @@
 """Optimiser settings and the `Updater` interface the recipe steps through.
 
 Adam(β1=0, β2=0.99, eps=1e-8) with StyleGAN2's lazy-regularisation rescaling: a net regularised every
-k steps gets lr·r and β^r with r = k / (k + 1), so that its Adam "momentum horizon" is unchanged by the
-extra regularisation steps of the official loop (G: k=4, lr 0.0025 -> 0.002; D: k=16 -> ≈0.00235).
-We keep the official numbers even though R1 is folded into the main D step here (see loss.py).
+k iterations in a step of its own gets lr·r and β^r with r = k / (k + 1), so that over k iterations its
+k + 1 steps add up to the same learning-rate budget (k·lr) and the same β decay (β^k) as k plain steps
+(G: k=4, lr 0.0025 -> 0.002; D: k=16 -> ≈0.00235).
 
-An `Updater` owns one net's backward/step. The recipe only calls `zero_grad()`, `backward(loss)` once
-and `step()` once per step, so a DeepSpeed engine (engine.backward / engine.step) can stand in for
-`PlainUpdater` without the recipe knowing (the worker in digan/distributed provides that one).
+- G: k = loss.g_reg_interval (4) as in the official code, although its regulariser (path length) is
+  off in DIGAN and the official "Greg" step is empty.
+- D: k = loss.r1_interval with the separate R1 schedule (official: 17 steps per 16 iterations). With
+  the folded schedule D takes exactly one step per iteration, so there is nothing to compensate: r = 1
+  (plain lr and betas), which keeps D's per-iteration Adam budget and horizon equal to the official
+  (`d_reg_interval`).
+
+An `Updater` owns one net's backward/step. The recipe calls `zero_grad()`, `backward(loss)` once and
+`step()` once per phase (D has two phases on separate-R1 iterations), so a DeepSpeed engine
+(engine.backward / engine.step) can stand in for `PlainUpdater` without the recipe knowing (the worker
+in digan/distributed provides that one).
 """
 
 from __future__ import annotations
@@ -16,12 +24,17 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
-from digan.config import OptimConfig
+from digan.config import LossConfig, OptimConfig
 
 
 def lazy_reg_ratio(reg_interval: int | None) -> float:
     """k / (k + 1) for a regulariser run every k steps; 1 when there is none (k = 0 or None)."""
     return reg_interval / (reg_interval + 1) if reg_interval else 1.0
+
+
+def d_reg_interval(cfg: LossConfig) -> int:
+    """The lazy-reg interval that rescales D's Adam: r1_interval when R1 runs as its own step, else 0."""
+    return cfg.r1_interval if cfg.r1_schedule == "separate" else 0
 
 
 def adam_kwargs(cfg: OptimConfig, reg_interval: int | None) -> dict[str, Any]:

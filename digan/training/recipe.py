@@ -1,10 +1,17 @@
-"""One training step of DIGAN, framework-free: D step (lazy R1 folded in), G step (D frozen), EMA.
+"""One training iteration of DIGAN, framework-free, in the official phase order.
+
+    G step (D frozen)  ->  D step  ->  D's R1 step (separate schedule, R1 iterations)  ->  EMA
+
+(official StyleGAN2-ADA loop: Gmain, Greg (empty in DIGAN: no path-length reg), Dmain, Dreg, G_ema).
+Each phase draws its own fresh z, z_M, t and its own augmentation, as the official phases do.
 
 The recipe sees nets and `Updater`s only. Single-process training uses `PlainUpdater`; the distributed
 worker passes DeepSpeed-backed updaters and the engines' `.module`s as the nets. Rules this file keeps so
-that the same code is correct under DeepSpeed (ray-deepspeed-stack.md §2):
+that the same code is correct under DeepSpeed:
   - every forward goes through the modules given here (never through an engine);
-  - exactly one `backward` and one `step` per updater per training step (R1 is part of D's loss);
+  - each phase is `zero_grad`, exactly one `backward`, one `step` on one updater (D's updater takes two
+    such phases on separate-R1 iterations: a DeepSpeed engine takes one backward per step, any number
+    of backward/step pairs per iteration);
   - D is frozen (requires_grad False) during G's step, so G's loss leaves no gradient in D;
   - `.backward()` is never called on a tensor directly, only `updater.backward(loss)`.
 
@@ -23,7 +30,7 @@ import torch
 from digan.config import Config
 from digan.training.ema import EMA
 from digan.training.loss import DIGANLoss, Stats
-from digan.training.optim import PlainUpdater, Updater, build_adam
+from digan.training.optim import PlainUpdater, Updater, build_adam, d_reg_interval
 
 
 @contextmanager
@@ -41,11 +48,24 @@ def frozen(*modules: torch.nn.Module) -> Iterator[None]:
 
 
 def d_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, d_updater: Updater,
-           loss: DIGANLoss, real_pair: torch.Tensor, real_dt: torch.Tensor, do_r1: bool) -> Stats:
-    """One update of both discriminators (one backward, one step)."""
+           loss: DIGANLoss, real_pair: torch.Tensor, real_dt: torch.Tensor, do_r1: bool = False) -> Stats:
+    """One adversarial update of both discriminators (official "Dmain"; one backward, one step).
+
+    `do_r1` adds the folded schedule's R1 to this step's loss (the separate schedule uses `r1_step`).
+    """
     d_updater.zero_grad()
     loss_D, stats = loss.d_loss(G, D_img, D_mot, real_pair, real_dt, do_r1)
     d_updater.backward(loss_D)
+    d_updater.step()
+    return stats
+
+
+def r1_step(D_img: torch.nn.Module, D_mot: torch.nn.Module, d_updater: Updater, loss: DIGANLoss,
+            real_pair: torch.Tensor, real_dt: torch.Tensor) -> Stats:
+    """The separate schedule's R1 update of both discriminators (official "Dreg"; own backward and step)."""
+    d_updater.zero_grad()
+    loss_r1, stats = loss.r1_loss(D_img, D_mot, real_pair, real_dt)
+    d_updater.backward(loss_r1)
     d_updater.step()
     return stats
 
@@ -64,18 +84,26 @@ def g_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, g
 def train_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, g_updater: Updater,
                d_updater: Updater, loss: DIGANLoss, ema: EMA, real_pair: torch.Tensor, real_dt: torch.Tensor,
                step: int, cur_nimg: int) -> Stats:
-    """One DIGAN iteration: D step (with R1 when `loss.r1_due(step)`), G step, EMA update.
+    """One DIGAN iteration: G step, D step, D's R1 step (when `loss.r1_due(step)`), EMA update.
 
-    real_pair [B_local, 2, 3, H, W] in [-1, 1] and real_dt [B_local] are this worker's share of the batch;
-    G's step uses the same local batch size. `step` counts iterations from 0 (lazy R1 on step 0, k, 2k..);
-    `cur_nimg` is the number of real pairs seen by all workers BEFORE this step (drives the EMA ramp-up).
-    Returns detached tensors: loss_D, loss_G, D_{M,I}_{real,fake} logit means, r1 (R1 steps only),
-    ema_beta and kimg (images seen after this step, in thousands).
+    With `loss.r1_schedule == "folded"` the R1 of an R1 iteration is added to the D step instead.
+    real_pair [B_local, 2, 3, H, W] in [-1, 1] and real_dt [B_local] are this worker's share of the batch
+    (xflip is drawn here, once, so both D steps see the same reals); G's step uses the same local batch
+    size. `step` counts iterations from 0 (lazy R1 on iterations 0, k, 2k..); `cur_nimg` is the number of
+    real pairs seen by all workers BEFORE this iteration (drives the EMA ramp-up, as in the official loop).
+    Returns detached tensors: loss_G, loss_D, D_{M,I}_{real,fake} logit means, r1 (R1 iterations only),
+    d_steps (D optimizer steps taken), ema_beta and kimg (images seen after this iteration, in thousands).
     """
+    real_pair = loss.flip_reals(real_pair)
+    stats = g_step(G, D_img, D_mot, g_updater, loss, real_pair.shape[0])
     do_r1 = loss.r1_due(step)
-    stats = d_step(G, D_img, D_mot, d_updater, loss, real_pair, real_dt, do_r1)
-    stats |= g_step(G, D_img, D_mot, g_updater, loss, real_pair.shape[0])
+    stats |= d_step(G, D_img, D_mot, d_updater, loss, real_pair, real_dt, do_r1=do_r1 and not loss.separate_r1)
+    d_steps = 1
+    if do_r1 and loss.separate_r1:
+        stats |= r1_step(D_img, D_mot, d_updater, loss, real_pair, real_dt)
+        d_steps = 2
     beta = ema.update(G, cur_nimg)
+    stats["d_steps"] = torch.tensor(float(d_steps))
     stats["ema_beta"] = torch.tensor(beta)
     stats["kimg"] = torch.tensor((cur_nimg + ema.batch_size) / 1000)
     return stats
@@ -124,7 +152,7 @@ class SingleProcessTrainer:
         self.loss = DIGANLoss.from_config(cfg.loss)
         self.g_updater = PlainUpdater(self.G, build_adam(self.G.parameters(), cfg.optim, cfg.loss.g_reg_interval),
                                       cfg.optim.grad_clamp)
-        self.d_updater = PlainUpdater(self.D, build_adam(self.D.parameters(), cfg.optim, cfg.loss.r1_interval),
+        self.d_updater = PlainUpdater(self.D, build_adam(self.D.parameters(), cfg.optim, d_reg_interval(cfg.loss)),
                                       cfg.optim.grad_clamp)
         self.step = 0
         self.cur_nimg = 0
