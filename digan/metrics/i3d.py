@@ -10,14 +10,16 @@ Two sets of weights load into the same module:
   TF "SAME" padding (asymmetric for the strided layers), max-pools padded with -inf, BatchNorm with
   eps 1e-3 and no scale (gamma = 1), kernels (kT,kH,kW,Cin,Cout) -> (Cout,Cin,kT,kH,kW), a VALID
   (2,7,7) average pool, a 1x1x1 logits conv and a mean of the logits over time.
-  tests/test_metrics_i3d.py checks the logits against the package's own flax model (golden file).
+  tests/test_metrics_i3d.py checks the logits against the package's own flax model (golden file: a
+  16-frame 224 px clip, a 96x128 one through the tfhub resize, and a 44-frame one whose five logit
+  steps the network averages).
 * `videogpt`: the piergiaj/VideoGPT PyTorch checkpoint `i3d_pretrained_400.pt` that DIGAN's paper used,
   from a path the user supplies (never downloaded). Same architecture; its BatchNorm has a learnt scale
   and eps 1e-5 (the piergiaj module's), and its max-pools pad with 0, which equals -inf padding here
   because every max-pool input is a ReLU output (>= 0).
 
-Input: x [B, 3, T, 224, 224] already preprocessed (see `detectors.py` for the protocols);
-output: the 400 logits averaged over time, [B, 400]. The FVD embedding is these logits.
+Input: x [B, 3, T, 224, 224] already preprocessed, values in [-1, 1] under both protocols (see
+`detectors.py`); output: the 400 logits averaged over time, [B, 400]. The FVD embedding is these logits.
 """
 
 from __future__ import annotations
