@@ -209,12 +209,16 @@ class DIGANLoss:
         """The separate schedule's R1 loss (official phase "Dreg"): r1_interval * gamma/2 (...).
 
         Its own forward of the reals (same batch as D's main step) with its own augmentation draw; the
-        logits enter only through the penalty's gradients. Stats as for `d_loss` with R1.
+        logits enter only through the penalty's gradients, plus `logits * 0` as in the official loss,
+        which gives every D parameter a gradient in this step, zero for those the penalty does not
+        depend on (the output biases): Adam then steps them too (moments decay, step count advances),
+        exactly as the official optimizer does. Stats as for `d_loss` with R1.
         """
         x_real = motion_input(real_pair, real_dt).detach().requires_grad_(True)
         real_M, real_I, frames_aug = self.run_D(D_img, D_mot, x_real)
         r1, stats = self._r1(real_M, real_I, x_real, frames_aug)
-        return r1 * self.r1_interval, stats
+        zero = (real_M * 0).mean() + (real_I * 0).mean()
+        return (zero + r1) * self.r1_interval, stats
 
     def g_loss(self, G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module,
                batch_size: int) -> tuple[torch.Tensor, Stats]:
