@@ -218,7 +218,8 @@ def test_one_and_two_workers_take_the_same_step(ray_cluster, tmp_path):
     """Same global batch, same per-sample latents: 2 workers x 4 == 1 worker x 8, at ZeRO 0 and 2.
 
     Augmentation and xflip are off here: their draws come from each rank's own stream (by design), so
-    only the fake latents are keyed by sample index. R1 runs (step 0 is an R1 step).
+    only the fake latents are keyed by sample index. R1 runs (step 0 is an R1 step): with the default
+    separate schedule the D engine takes two backward/step pairs in this iteration (D step, R1 step).
     """
     for n in (1, 2):
         cfg = tiny_config("loss.diffaug_policy=", "loss.xflip=false", f"dist.num_workers={n}")
@@ -241,13 +242,18 @@ def test_one_and_two_workers_take_the_same_step(ray_cluster, tmp_path):
                 continue
             diff = (two[k].double() - one[k].double()).abs()
             if name.endswith("sgdlike"):
-                assert diff.max() <= 2e-6, f"{name}: {k} differs by {diff.max():.3g}"
+                # the gradient maths: float32 rounding of 0.5 * g steps (measured max 2.7e-6)
+                assert diff.max() <= 5e-6, f"{name}: {k} differs by {diff.max():.3g}"
             else:
                 # Where |g| is near eps, rounding-level gradient differences (a sum over 8 samples on
-                # one rank vs 4 + 4 on two) move a weight by a visible fraction of one lr step (0.002):
-                # every element within 5e-5, all but a handful within 2e-6.
-                assert diff.max() <= 5e-5, f"{name}: {k} differs by {diff.max():.3g}"
-                assert (diff > 2e-6).sum() <= max(3, diff.numel() // 5000), f"{name}: {k}"
+                # one rank vs 4 + 4 on two) move a weight by a visible fraction of one lr step (0.0024).
+                # With R1 in its own step, D's main step has only the (smaller) adversarial gradient and
+                # the R1 step is Adam's second, normalised by both: more elements sit near eps than when
+                # R1 was folded in (then: max 5e-5). Measured: 0.07 % of all elements beyond 2e-6, at
+                # most 1 % of a tensor (D_I's convs), max 4.5e-4; a missing reduction would move most
+                # elements by ~lr.
+                assert diff.max() <= 1e-3, f"{name}: {k} differs by {diff.max():.3g}"
+                assert (diff > 2e-6).sum() <= max(3, diff.numel() // 50), f"{name}: {k}"
         # the step did something: most of G's weights moved away from their initial values
         moved = sum(int(not torch.equal(one[f"G.{k}"], v)) for k, v in G0.items() if v.is_floating_point())
         assert moved > len(G0) // 2, name
