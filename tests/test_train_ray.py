@@ -310,6 +310,11 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tmp_path):
     assert first == list(range(1, len(first) + 1)) and first[-1] >= resumed
     assert second == list(range(resumed + 1, target + 1))
     assert first[-1] - resumed <= every, (first, resumed)
+    # each line is one iteration (log_every_steps=1): the separate R1 step on every 4th iteration from 0
+    # (demo-32's loss.r1_interval) makes D take 2 optimizer steps there, 1 elsewhere, before and after resume
+    r1_iteration = [(s["step"] - 1) % 4 == 0 for s in stats]
+    assert [s["d_steps"] for s in stats] == [2.0 if r else 1.0 for r in r1_iteration]
+    assert [("r1" in s) for s in stats] == r1_iteration
     # keep-last-K: only the 2 newest checkpoints are left
     assert [s for s, _ in ckpt.list_checkpoints(__import__("pyarrow.fs").fs.LocalFileSystem(), str(run_dir))] \
         == [target - every, target]
