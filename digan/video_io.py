@@ -11,6 +11,7 @@ uint8 frames (a 256-frame 128x128 video is 12.6 MB).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from fractions import Fraction
@@ -98,15 +99,33 @@ def write_mp4(path: str | os.PathLike, frames, fps: float = 8.0, crf: int = 18) 
     return Path(path)
 
 
+def gif_bytes(frames, fps: float = 8.0) -> bytes:
+    """uint8 frames [T, H, W, 3] as a looping GIF (Pillow, adaptive palette per frame)."""
+    images = [Image.fromarray(f) for f in _as_numpy(frames)]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)),
+                   loop=0)
+    return buf.getvalue()
+
+
 def write_gif(path: str | os.PathLike, frames, fps: float = 8.0) -> Path:
-    """Write uint8 frames [T, H, W, 3] as a looping GIF (Pillow, adaptive palette per frame)."""
-    arr = _as_numpy(frames)
+    """Write uint8 frames [T, H, W, 3] as a looping GIF."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    images = [Image.fromarray(f) for f in arr]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
-                   duration=max(1, round(1000 / fps)), loop=0)
+    path.write_bytes(gif_bytes(frames, fps))
     return path
+
+
+def tensorboard_video(writer, tag: str, frames, step: int, fps: float = 8.0) -> None:
+    """Log uint8 frames [T, H, W, 3] to a torch SummaryWriter as an animated image (TensorBoard's Images tab
+    plays it). What `SummaryWriter.add_video` writes, without its moviepy dependency: a GIF in an image
+    summary."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    arr = _as_numpy(frames)
+    image = Summary.Image(height=arr.shape[1], width=arr.shape[2], colorspace=3,
+                          encoded_image_string=gif_bytes(arr, fps))
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 def frame_grid(frames, num_cols: int | None = None, pad: int = 0) -> np.ndarray:

@@ -215,3 +215,31 @@ def test_ray_false_alarm_filter_drops_only_the_preemption_watcher_line(monkeypat
     monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX")
     quiet_ray_false_alarms()
     assert re.search(os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"], seen)
+
+
+def test_run_logger_samples_reach_tensorboard_as_videos(tmp_path):
+    """Every sample grid is an mp4 and an animated image in TensorBoard (all frames, in order)."""
+    import io
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+    from PIL import Image, ImageSequence
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from digan.distributed.worker import RunLogger
+    from digan.models import build_generator
+
+    cfg = load_config("demo-32", ["train.num_sample_videos=2", "data.num_frames=6"])
+    storage = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), experiment_fs_path=str(tmp_path / "run"))
+    logger = RunLogger(cfg, storage, enabled=True)
+    G = build_generator(cfg.model).eval()
+    for step in (10, 20):
+        assert logger.write_samples(G, step).is_file()
+    logger.close()
+    ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    ea.Reload()
+    events = ea.Images("samples")
+    assert [e.step for e in events] == [10, 20]
+    gif = Image.open(io.BytesIO(events[-1].encoded_image_string))
+    assert gif.format == "GIF" and gif.size == (2 * 32, 32)  # 2 videos side by side
+    assert sum(1 for _ in ImageSequence.Iterator(gif)) == 6

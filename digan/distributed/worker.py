@@ -292,6 +292,7 @@ class RunLogger:
         from data_shards.records import encode_mp4
         from digan.metrics import render_videos
         from digan.metrics.compute import video_codes
+        from digan.video_io import tensorboard_video
 
         n, num_frames = self.cfg.train.num_sample_videos, self.cfg.data.num_frames
         z, z_M = video_codes(G_ema, n, self.cfg.train.seed)
@@ -307,6 +308,8 @@ class RunLogger:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(encode_mp4(grid.numpy(), fps=8))
         os.replace(tmp, path)
+        tensorboard_video(self.tb, "samples", grid, step, fps=8)  # watch progress in TensorBoard's Images tab
+        self.tb.flush()
         return path
 
     def sync(self) -> None:
