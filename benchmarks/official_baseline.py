@@ -1,9 +1,10 @@
 """Same-machine baseline: one iteration computed the way the official DIGAN code computes it on a CPU.
 
-The shared CPU is heavily contended, so a fixed "official takes 26 s" figure measured at another time says
-little about a run now. This module times the official *computation*, interleaved with ours, on the same
-weights. It is a transcription of the official structure, not the official source (which needs
-numpy < 1.24, hydra and custom ops), and it follows these official choices:
+A stand-in for when no checkout of the official code is at hand. With one, benchmarks/official_code.py
+runs the official code itself (`benchmarks/train_step.py --official-repo PATH` adds it as the
+`official-code` row and judges the target against that row, not this one). This module times the official
+*computation*, interleaved with ours, on the same weights: a transcription of the official structure, not
+the official source, following these official choices:
 
 - discriminators: StyleGAN2-ADA ops on CPU in fp32 (the fp16 blocks are CUDA-only), NCHW;
   `conv2d_resample` (FIR by `upfirdn2d`'s reference path: pad, 4x4 depthwise conv at full resolution,
