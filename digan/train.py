@@ -272,7 +272,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  sample video: {out.sample_video}")
     if out.stopped:
         print("  rerun the same command to resume from the checkpoint")
+    elif cfg.data.source == "demo":
+        print(demo_outlook(cfg, out))
     return 0
+
+
+def demo_outlook(cfg: Config, out: TrainOutcome) -> str:
+    """What a finished demo run trained and what its samples can show (a new user cannot tell early noise
+    from a bug), and the command that trains long enough to measure progress."""
+    m, t = cfg.model, cfg.train
+    steps = f"{out.step} steps" if out.step is not None else "its steps"
+    return "\n".join([
+        f"  trained:      {t.run_name}: {m.resolution}x{m.resolution} frames of {cfg.data.num_frames}-frame clips of the "
+        f"embedded demo footage, {out.kimg if out.kimg is not None else t.total_kimg:g} kimg ({steps}, global "
+        f"batch {t.batch_size}) on {cfg.dist.num_workers} worker(s)",
+        "  expect:       a few kimg show that the pipeline runs, not a trained model: the samples are coloured",
+        "                texture with little motion. To train longer and measure real FVD16 and frame grids as",
+        "                it goes (about an hour on 2 CPU cores; README, 'Does it learn?'):",
+        "                python benchmarks/quality.py",
+    ])
 
 
 if __name__ == "__main__":

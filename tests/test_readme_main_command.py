@@ -79,6 +79,9 @@ def test_readme_main_command_on_a_fresh_clone(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"the README's main command exited {proc.returncode}:\n{out[-5000:]}"
     assert re.search(r"^finished after \d+ s at step \d+", proc.stdout, flags=re.M), proc.stdout[-3000:]
+    # The end message says what was trained and where to go next.
+    assert re.search(r"^\s+trained:\s+demo-32: 32x32", proc.stdout, flags=re.M), proc.stdout[-3000:]
+    assert "python benchmarks/quality.py" in proc.stdout
 
     # What the end message points at exists and is what it says.
     run_dir, checkpoint, sample = _field(proc.stdout, "run folder"), _field(proc.stdout, "checkpoint"), \

@@ -420,6 +420,9 @@ def test_train_from_s3_with_s3_storage(ray_cluster, s3_env, tmp_path):
     assert [s["step"] for s in stats] == [1, 2] and stats[-1]["records_read"] > 0
     assert stats[-1]["skipped_records"] == 0
     assert "proxy_fvd16" in stats[-1] and stats[-1]["proxy_fvd16"] > 0  # training-time metric, labelled proxy
+    # ... with what it was measured by in the same record
+    assert (stats[-1]["metrics_detector"], stats[-1]["metrics_protocol"], stats[-1]["metrics_num_videos"]) == \
+        ("proxy", "tfhub", 8)
     assert s3.find(f"{run}/tensorboard")
     with s3.open(f"{run}/{ckpt.checkpoint_name(2)}/{ckpt.GENERATOR_FILE}", "rb") as f:
         export = torch.load(f, weights_only=True)

@@ -273,13 +273,16 @@ class RunLogger:
         with open(self.dir / "stats.jsonl", "a") as f:
             f.write(json.dumps({"time": time.time(), **metrics}, sort_keys=True) + "\n")
         for k, v in metrics.items():
-            if k != "step" and math.isfinite(v):
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):  # strings: jsonl only
                 self.tb.add_scalar(k, v, global_step=step)
         self.tb.flush()
         order = ["loss_G", "loss_D", "r1", "D_M_real", "D_M_fake", "D_I_real", "D_I_fake"]
         extra = " ".join(f"{k} {metrics[k]:.4g}" for k in order if k in metrics)
         metric_str = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("fvd", "kvd", "fid",
                                                                                              "proxy_")))
+        if metric_str and "metrics_detector" in metrics:
+            metric_str += (f" ({metrics['metrics_detector']}, {metrics['metrics_protocol']}, "
+                           f"N={int(metrics['metrics_num_videos'])})")
         print(f"step {step:7d} kimg {metrics['kimg']:9.3f} it/s {metrics['it_per_s']:6.2f} "
               f"samples/s {metrics['samples_per_s']:7.1f} data {100 * metrics['data_wait_frac']:4.1f}% "
               f"skipped {int(metrics['skipped_records'])} {extra} {metric_str}".rstrip(), flush=True)
@@ -521,7 +524,7 @@ class _Window:
         return out
 
 
-def _compute_metrics(cfg: Config, rt: GANRuntime, rank: int, world_size: int) -> dict[str, float]:
+def _compute_metrics(cfg: Config, rt: GANRuntime, rank: int, world_size: int) -> dict[str, float | str]:
     """The configured metrics of G_ema on every rank (work and real clips split over ranks; same dict on all).
 
     Real-clip features are cached in memory by `compute_metrics` under the dataset key, so only the
@@ -542,6 +545,9 @@ def _compute_metrics(cfg: Config, rt: GANRuntime, rank: int, world_size: int) ->
                              rank=rank, world_size=world_size)
     values = {k: float(v) for k, v in values.items()}
     values["metrics_time_s"] = time.perf_counter() - t0
+    # What the numbers mean travels with them: FD depends on the detector, its preprocessing and N.
+    values.update(metrics_num_videos=float(cfg.metrics.num_videos), metrics_protocol=cfg.metrics.protocol,
+                  metrics_detector=cfg.metrics.detector)
     return values
 
 
