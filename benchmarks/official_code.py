@@ -80,9 +80,9 @@ def build(repo: Path, resolution: int, batch: int, d_clamp: bool, seed: int = 0)
     """G, D, G_ema, loss and phases as train.py's setup_training_loop_kwargs + training_loop build them."""
     import numpy as np
     import torch
-    from omegaconf import OmegaConf
 
     dnnlib, misc, conv2d_gradfix, grid_sample_gradfix, networks, loss_module = import_official(repo)
+    from omegaconf import OmegaConf
     hydra_cfg = OmegaConf.load(repo / "configs" / "digan.yml")
     main_cfg = OmegaConf.load(repo / "configs" / "main.yml")
     gpus = int(main_cfg.num_gpus)  # 8
