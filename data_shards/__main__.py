@@ -9,7 +9,7 @@
 S3 destinations use the standard AWS environment/config for credentials (AWS_ACCESS_KEY_ID ...,
 AWS_PROFILE or --s3-profile); the endpoint and region come from --s3-endpoint-url/--s3-region or
 AWS_ENDPOINT_URL/AWS_DEFAULT_REGION. Credentials are never printed. Re-running an interrupted build
-with the same arguments resumes it.
+with the same arguments resumes it. Errors and Ctrl-C end with one line on stderr (exit 2, or 130).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from data_shards.build import BuildError, BuildOptions, build_shards
+from data_shards.build import JOURNAL, BuildError, BuildOptions, build_shards
 from data_shards.records import MANIFEST
 from data_shards.sources import LAYOUTS, IMAGE_EXTS, discover
 from data_shards.storage import Destination
@@ -99,6 +99,10 @@ def _summary(m: dict) -> str:
     lines += [f"  skipped {s['source']}: {s['reason']}" for s in m["skipped"][:50]]
     if len(m["skipped"]) > 50:
         lines.append(f"  ... and {len(m['skipped']) - 50} more (see {MANIFEST})")
+    cut = [v for v in m["sources"] if "header_frames" in v or "decode_error" in v]
+    if cut:
+        lines.append(f"  {len(cut)} videos cut short (truncated or corrupt) gave the clips of the frames that "
+                     f"decoded (see header_frames / decode_error in {MANIFEST})")
     return "\n".join(lines)
 
 
@@ -107,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     s3 = S3Settings(endpoint_url=args.s3_endpoint_url, region=args.s3_region, profile=args.s3_profile)
     try:
         if args.command == "inspect":
-            m = Destination(args.location, s3).read_json(MANIFEST)
+            where = Destination(args.location, s3)  # reads only: creates nothing
+            m = where.read_json(MANIFEST)
             if m is None:
-                print(f"{args.location}: no {MANIFEST} (not built, or the build is unfinished)", file=sys.stderr)
+                j = where.read_json(JOURNAL)
+                print(f"data-shards: unfinished build at {args.location} ({len(j['shards'])} shards published; "
+                      "re-run its build command to finish it)" if j else
+                      f"data-shards: no shards/manifest at {args.location}", file=sys.stderr)
                 return 1
             print(json.dumps({"options": m["options"], "input": m["input"]}, indent=1))
             print(_summary(m))
@@ -143,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         print(_summary(m))
         print(f"-> {args.dest}")
         return 0
-    except (BuildError, ValueError, FileNotFoundError) as e:
+    except (BuildError, ValueError, FileNotFoundError, PermissionError) as e:  # S3: S3AccessDenied
         print(f"data-shards: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # BuildInterrupted says how many shards are kept
+        print(f"data-shards: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

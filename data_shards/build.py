@@ -5,7 +5,9 @@ source order into `shard-%06d.tar` files, so the output depends only on the inpu
 the number of workers or on timing. Each finished shard is published (rename or S3 put) and then
 recorded in a small journal, `_build_state.json`, with the position of the next clip; a killed build
 re-run with the same arguments continues from there and keeps every published shard. The manifest
-(`manifest.json`, written last) marks a complete build.
+(`manifest.json`, written last) marks a complete build. An interrupted build (Ctrl-C, an error) removes
+its temp files and raises `BuildInterrupted` with the number of published shards; a hard-killed one
+leaves them to the next build into the same destination, which removes them first.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import hashlib
 import io
 import multiprocessing
+import signal
 import tarfile
 from dataclasses import dataclass
 
@@ -29,6 +32,14 @@ FORMAT = "digan-clips/1"
 
 class BuildError(RuntimeError):
     """A build that cannot start or continue; the message says why and what to do."""
+
+
+class BuildInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a build: its temp files are gone, `num_shards` shards are published and kept."""
+
+    def __init__(self, num_shards: int):
+        super().__init__(f"interrupted: {num_shards} shards published; re-run the same command to resume")
+        self.num_shards = num_shards
 
 
 @dataclass
@@ -70,11 +81,14 @@ def _process(task: tuple[int, VideoSource, dict]) -> dict:
     o = BuildOptions(**opts)
     out = {"index": index, "source": src.source}
     try:
-        frames, fps, sha = read_source(src, o.resolution)
+        frames, fps, sha, cut = read_source(src, o.resolution)
         windows = clip_windows(len(frames), o.clip_length, o.frame_skip, o.windows, o.clip_stride)
         if not windows:
-            raise SkipVideo(f"too short: {len(frames)} frames, a clip needs "
-                            f"{min_frames(o.clip_length, o.frame_skip, o.windows)}")
+            n = len(frames)
+            why = (f"truncated or corrupt: decode error after {n} frames ({cut['decode_error']})"
+                   if "decode_error" in cut else
+                   f"truncated: decoded {n} of {cut['header_frames']} frames" if cut else f"too short: {n} frames")
+            raise SkipVideo(f"{why}, a clip needs {min_frames(o.clip_length, o.frame_skip, o.windows)}")
     except SkipVideo as e:
         return dict(out, skipped=str(e))
     clip_fps = fps / o.frame_skip if fps else None
@@ -85,7 +99,7 @@ def _process(task: tuple[int, VideoSource, dict]) -> dict:
                 "label_index": src.label_index, "fps": clip_fps, "frame_skip": o.frame_skip,
                 "frame_indices": idx}
         records.append(clip_record(f"c{index:06d}_{j:04d}", frames[idx], meta, o.encoding))
-    return dict(out, sha256=sha, num_frames=len(frames), fps=fps, records=records)
+    return dict(out, sha256=sha, num_frames=len(frames), fps=fps, cut=cut, records=records)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,12 +151,16 @@ class _ShardWriter:
         return entry
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: no worker tracebacks
+
+
 def _results(tasks: list, workers: int):
     if workers <= 1:
         yield from map(_process, tasks)
         return
     # forkserver: workers never inherit the parent's threads or its s3fs (this may run inside Ray).
-    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+    with multiprocessing.get_context("forkserver").Pool(workers, initializer=_ignore_sigint) as pool:
         yield from pool.imap(_process, tasks, chunksize=1)
 
 
@@ -186,8 +204,9 @@ def build_shards(sources: list[VideoSource], dest: str | Destination, options: B
         state["next"] = next_pos
         dest.write_json(JOURNAL, state)
 
+    results = _results(tasks, workers)
     try:
-        for res in _results(tasks, workers):
+        for res in results:
             i = res["index"]
             if "skipped" in res:
                 pending_skips.append({"source": res["source"], "reason": res["skipped"]})
@@ -202,27 +221,30 @@ def build_shards(sources: list[VideoSource], dest: str | Destination, options: B
                         checkpoint([i, j + 1])
                 pending_videos.append({"source": res["source"], "sha256": res["sha256"],
                                        "num_frames": res["num_frames"], "fps": res["fps"],
-                                       "num_clips": len(records)})
+                                       "num_clips": len(records), **res["cut"]})
             bar.update(1)
             bar.set_postfix(clips=num_clips, skipped=len(state["skipped"]) + len(pending_skips))
         checkpoint([len(sources), 0])
+        skipped = sorted(state["skipped"], key=lambda s: s["source"])
+        reasons: dict[str, int] = {}
+        for s in skipped:
+            kind = s["reason"].split(":")[0]
+            reasons[kind] = reasons.get(kind, 0) + 1
+        manifest = {
+            "identity": identity, "format": FORMAT, "options": identity["options"], "input": identity["input"],
+            "num_videos": len(sources), "num_videos_used": len(state["videos"]), "num_skipped": len(skipped),
+            "skipped_by_reason": reasons, "num_clips": sum(s["num_clips"] for s in state["shards"]),
+            "num_shards": len(state["shards"]), "shards": state["shards"],
+            "sources": sorted(state["videos"], key=lambda v: v["source"]), "skipped": skipped,
+        }
+        dest.write_json(MANIFEST, manifest)
+        dest.remove(JOURNAL)
+    except KeyboardInterrupt:
+        raise BuildInterrupted(len(state["shards"])) from None
     finally:
+        results.close()  # stops the worker pool now, not when the generator is collected
         bar.close()
         if writer.tar is not None:  # interrupted mid-shard: the journal still points before it
             writer.tar.close()
-
-    skipped = sorted(state["skipped"], key=lambda s: s["source"])
-    reasons: dict[str, int] = {}
-    for s in skipped:
-        kind = s["reason"].split(":")[0]
-        reasons[kind] = reasons.get(kind, 0) + 1
-    manifest = {
-        "identity": identity, "format": FORMAT, "options": identity["options"], "input": identity["input"],
-        "num_videos": len(sources), "num_videos_used": len(state["videos"]), "num_skipped": len(skipped),
-        "skipped_by_reason": reasons, "num_clips": sum(s["num_clips"] for s in state["shards"]),
-        "num_shards": len(state["shards"]), "shards": state["shards"],
-        "sources": sorted(state["videos"], key=lambda v: v["source"]), "skipped": skipped,
-    }
-    dest.write_json(MANIFEST, manifest)
-    dest.remove(JOURNAL)
+        dest.clean_temp()
     return manifest

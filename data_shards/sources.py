@@ -150,8 +150,11 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def read_source(src: VideoSource, resolution: int) -> tuple[np.ndarray, float | None, str]:
-    """-> (frames uint8 [F,R,R,3], native fps or None, sha256 of the source). Raises SkipVideo."""
+def read_source(src: VideoSource, resolution: int) -> tuple[np.ndarray, float | None, str, dict]:
+    """-> (frames uint8 [F,R,R,3], native fps or None, sha256 of the source, cut). Raises SkipVideo.
+
+    A video cut short (truncated file, corrupt packet) gives the frames decoded before the cut; `cut` then
+    says so for the manifest: `header_frames` (the container's count) and/or `decode_error`. Else {}."""
     if src.kind == "video":
         return _read_video(src.path, resolution)
     if src.kind == "frames":
@@ -166,7 +169,7 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {getattr(e, 'strerror', None) or str(e).split(chr(10))[0][:200]}"
 
 
-def _read_video(path: str, resolution: int) -> tuple[np.ndarray, float | None, str]:
+def _read_video(path: str, resolution: int) -> tuple[np.ndarray, float | None, str, dict]:
     import av
 
     if not os.path.isfile(path):
@@ -177,7 +180,7 @@ def _read_video(path: str, resolution: int) -> tuple[np.ndarray, float | None, s
         container = av.open(path)
     except (av.FFmpegError, OSError, ValueError) as e:
         raise SkipVideo(f"unreadable: {_why(e)}") from None
-    frames = []
+    frames, cut = [], {}
     with container:
         if not container.streams.video:
             raise SkipVideo("unreadable: no video stream")
@@ -189,16 +192,18 @@ def _read_video(path: str, resolution: int) -> tuple[np.ndarray, float | None, s
             for frame in container.decode(stream):
                 frames.append(square_resize(frame.to_image(), resolution))
         except (av.FFmpegError, OSError, ValueError) as e:
-            raise SkipVideo(f"truncated or corrupt: decode error after {len(frames)} frames ({_why(e)})") from None
+            if not frames:
+                raise SkipVideo(f"truncated or corrupt: decode error after 0 frames ({_why(e)})") from None
+            cut["decode_error"] = _why(e)  # the frames before the bad packet are good: keep them
     if not frames:
         raise SkipVideo("unreadable: no decodable frames")
     # A cut-off file often decodes cleanly up to the cut: compare with the container's frame count.
-    if declared and len(frames) < 0.98 * declared - 1:
-        raise SkipVideo(f"truncated: decoded {len(frames)} of {declared} frames")
-    return np.stack(frames), fps, file_sha256(path)
+    if declared and (cut or len(frames) < 0.98 * declared - 1):
+        cut["header_frames"] = declared
+    return np.stack(frames), fps, file_sha256(path), cut
 
 
-def _read_frame_folder(path: str, resolution: int) -> tuple[np.ndarray, float | None, str]:
+def _read_frame_folder(path: str, resolution: int) -> tuple[np.ndarray, float | None, str, dict]:
     files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise SkipVideo("empty: no .png/.jpg frames")
@@ -212,10 +217,10 @@ def _read_frame_folder(path: str, resolution: int) -> tuple[np.ndarray, float | 
                 frames.append(square_resize(img, resolution))
         except (OSError, ValueError, SyntaxError) as e:
             raise SkipVideo(f"unreadable frame {f.name}: {_why(e)}") from None
-    return np.stack(frames), None, h.hexdigest()
+    return np.stack(frames), None, h.hexdigest(), {}
 
 
-def _pan_frames(src: VideoSource, resolution: int) -> tuple[np.ndarray, float | None, str]:
+def _pan_frames(src: VideoSource, resolution: int) -> tuple[np.ndarray, float | None, str, dict]:
     """A smooth camera move over a photo: a square window slides and zooms along an eased path."""
     rng = np.random.default_rng(src.pan_seed)
     with Image.open(src.path) as img:
@@ -238,7 +243,7 @@ def _pan_frames(src: VideoSource, resolution: int) -> tuple[np.ndarray, float | 
         box = (cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2)
         frames.append(np.asarray(img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box,
                                             reducing_gap=3.0)))
-    return np.stack(frames), 16.0, file_sha256(src.path)
+    return np.stack(frames), 16.0, file_sha256(src.path), {}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,21 +1,50 @@
 """Build destinations: a local folder or `s3://bucket/prefix` (through the per-process s3fs of digan.data.s3).
 
 Both give the same small interface; every write is whole-object (S3 puts) or temp-file + rename (local),
-so a reader never sees half a shard or half a manifest.
+so a reader never sees half a shard or half a manifest. Every local file is created by `_new_temp`, with
+the mode a plain `open()` gives (0o666 minus the umask), so shared storage shows published files to
+whoever the umask lets read them. Temp files live in one folder per destination (`temp_dir`: the
+destination folder itself, or a private folder under the system temp dir for S3) that `clean_temp`
+empties; the builder calls it before a build and after one, finished or not.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import secrets
+import stat
 import tempfile
 from pathlib import Path
 
 from digan.data.s3 import S3Settings, is_s3, s3_filesystem, strip_scheme
 
+_CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound")  # botocore's
+
+
+class S3AccessDenied(PermissionError):
+    """The S3 destination refused us (or no credentials were found); the message names it, never a key."""
+
+
+def _new_temp(folder: Path, name: str) -> str:
+    """Create an empty hidden `.<name>.<random>.tmp` in `folder`; returns its path.
+
+    os.open with 0o666 lets the kernel apply the umask, as for any plain file; mkstemp's 0600 would
+    survive the rename and hide published shards from everyone else."""
+    for _ in range(16):
+        path = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(path)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder}: no free temp name for {name}")
+
 
 class Destination:
-    """Where shards, the manifest and the resume journal go."""
+    """Where shards, the manifest and the resume journal go. Creates nothing until the first write."""
 
     def __init__(self, url: str, s3: S3Settings | None = None):
         self.url = url.rstrip("/")
@@ -24,9 +53,10 @@ class Destination:
             if not strip_scheme(self.url).split("/")[0]:
                 raise ValueError(f"bad S3 destination {url!r}: expected s3://bucket/prefix")
             self.root = None
+            tag = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+            self.temp_dir = Path(tempfile.gettempdir()) / f"data-shards-{os.getuid()}-{tag}"
         else:
-            self.root = Path(self.url).expanduser().resolve()
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root = self.temp_dir = Path(self.url).expanduser().resolve()
 
     @property
     def is_s3(self) -> bool:
@@ -35,46 +65,72 @@ class Destination:
     def _key(self, name: str) -> str:
         return f"{strip_scheme(self.url)}/{name}"
 
+    @contextlib.contextmanager
+    def _fs(self):
+        """This process's s3fs; access errors become one line naming the destination (no keys, no traceback)."""
+        try:
+            yield s3_filesystem(self.s3)
+        except PermissionError as e:
+            code = (getattr(e.__cause__, "response", None) or {}).get("Error", {}).get("Code", "")
+            code = f" ({code})" if code and not code.isdigit() else ""
+            raise S3AccessDenied(f"{self.url}: access denied{code}; check the S3 credentials (AWS_ACCESS_KEY_ID/"
+                                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or --s3-profile) and the endpoint") from None
+        except Exception as e:
+            if type(e).__name__ not in _CREDENTIAL_ERRORS:
+                raise
+            raise S3AccessDenied(f"{self.url}: no usable S3 credentials ({e}); set AWS_ACCESS_KEY_ID/"
+                                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or --s3-profile") from None
+
     def child_url(self, name: str) -> str:
         return f"{self.url}/{name}" if self.is_s3 else str(self.root / name)
 
     def exists(self, name: str) -> bool:
         if self.is_s3:
-            return s3_filesystem(self.s3).exists(self._key(name))
+            with self._fs() as fs:
+                return fs.exists(self._key(name))
         return (self.root / name).exists()
 
     def read_json(self, name: str) -> dict | None:
         if self.is_s3:
-            fs = s3_filesystem(self.s3)
-            try:
-                return json.loads(fs.cat_file(self._key(name)))
-            except FileNotFoundError:
-                return None
+            with self._fs() as fs:
+                try:
+                    return json.loads(fs.cat_file(self._key(name)))
+                except FileNotFoundError:
+                    return None
         p = self.root / name
-        return json.loads(p.read_text()) if p.exists() else None
+        return json.loads(p.read_text()) if p.is_file() else None
 
     def write_json(self, name: str, obj: dict) -> None:
         data = json.dumps(obj, indent=1, sort_keys=True).encode()
         if self.is_s3:
-            s3_filesystem(self.s3).pipe_file(self._key(name), data)
+            with self._fs() as fs:
+                fs.pipe_file(self._key(name), data)
             return
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.root / name)
+        tmp = self.temp_path(name)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            self.commit(tmp, name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def temp_path(self, name: str) -> str:
-        """A local path to write `name` into before `commit` (inside the folder, so commit is a rename)."""
-        d = tempfile.gettempdir() if self.is_s3 else str(self.root)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        return tmp
+        """A new empty local file to write `name` into before `commit`: in the destination folder (so
+        commit is a rename) or, for S3, in this destination's private folder under the system temp dir."""
+        if self.is_s3:
+            self.temp_dir.mkdir(mode=0o700, exist_ok=True)
+            self._own_temp_dir()
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+        return _new_temp(self.temp_dir, name)
 
     def commit(self, tmp_path: str, name: str) -> None:
         """Publish a finished local file under `name` (S3 upload or atomic rename); removes the temp file."""
         if self.is_s3:
             try:
-                s3_filesystem(self.s3).put_file(tmp_path, self._key(name))
+                with self._fs() as fs:
+                    fs.put_file(tmp_path, self._key(name))
             finally:
                 os.unlink(tmp_path)
         else:
@@ -82,14 +138,28 @@ class Destination:
 
     def remove(self, name: str) -> None:
         if self.is_s3:
-            fs = s3_filesystem(self.s3)
-            if fs.exists(self._key(name)):
-                fs.rm_file(self._key(name))
+            with self._fs() as fs:
+                if fs.exists(self._key(name)):
+                    fs.rm_file(self._key(name))
         elif (self.root / name).exists():
             (self.root / name).unlink()
 
+    def _own_temp_dir(self) -> bool:
+        """Whether the S3 temp folder exists; raises unless it is a real folder of this user (its name is
+        predictable, in a shared /tmp)."""
+        try:
+            st = self.temp_dir.lstat()
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise PermissionError(f"{self.temp_dir}: not a folder of this user; remove it")
+        return True
+
     def clean_temp(self) -> None:
-        """Remove temp files a killed build left in a local destination."""
-        if not self.is_s3:
-            for p in self.root.glob(".*.tmp"):
-                p.unlink()
+        """Remove the temp files of this destination (a killed build's too); for S3 also their folder."""
+        if self._own_temp_dir() if self.is_s3 else self.temp_dir.is_dir():
+            for p in self.temp_dir.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+            if self.is_s3:
+                with contextlib.suppress(OSError):
+                    self.temp_dir.rmdir()

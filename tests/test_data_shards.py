@@ -1,4 +1,5 @@
-"""The shard builder (data_shards) on real footage shipped in packages: layouts, windows, skips, resume."""
+"""The shard builder (data_shards) on real footage shipped in packages: layouts, windows, skips, resume,
+cut-short videos, file modes, Ctrl-C."""
 
 import importlib.util
 import io
@@ -181,7 +182,65 @@ def test_cli_dry_run_and_errors(video_dir, tmp_path, capsys):
     assert out["num_sources"] == 6 and out["input"]["layout"] == "videos" and not (tmp_path / "o").exists()
     assert cli_main(["build", str(video_dir), str(tmp_path / "o"), "--clip-length", "1"]) == 2
     assert "--clip-length 1" in capsys.readouterr().err
-    assert cli_main(["inspect", str(tmp_path / "nowhere")]) == 1
+    capsys.readouterr()
+    assert cli_main(["inspect", str(tmp_path / "nowhere")]) == 1  # reads only: creates nothing
+    assert not (tmp_path / "nowhere").exists()
+    assert capsys.readouterr().err == f"data-shards: no shards/manifest at {tmp_path / 'nowhere'}\n"
+
+
+def test_published_files_follow_the_umask(video_dir, tmp_path):
+    """Shards and manifest get 0o666 & ~umask like any plain file (not mkstemp's 0600), so others on
+    shared storage can read them."""
+    sources = [s for s in discover("videos", str(video_dir)) if "good" in s.source]
+    for umask, mode in ((0o022, 0o644), (0o007, 0o660)):
+        old = os.umask(umask)
+        try:
+            build_shards(sources, str(tmp_path / f"u{umask:03o}"), BuildOptions(resolution=16, max_clips_per_shard=3),
+                         workers=0, progress=False)
+        finally:
+            os.umask(old)
+        files = sorted((tmp_path / f"u{umask:03o}").iterdir())
+        assert [p.name for p in files] == ["manifest.json", "shard-000000.tar", "shard-000001.tar"]
+        assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(mode)}
+
+
+def test_video_cut_short_gives_the_clips_of_the_frames_that_decode(tmp_path, capsys):
+    """A file cut after 40 of the 60 frames its header declares, or ending at a corrupt packet, gives the
+    clips of the frames before the cut and says so in the manifest; cut before one clip, it is skipped."""
+    frames = real_frames("carphone_pristine.mp4", 0, 60)
+    src = tmp_path / "in"
+    src.mkdir()
+    for ext in (".mp4", ".avi"):
+        write_video(tmp_path / f"full{ext}", frames, options={"movflags": "faststart"} if ext == ".mp4" else None)
+    data = (tmp_path / "full.mp4").read_bytes()
+    with av.open(str(tmp_path / "full.mp4")) as c:
+        ends = [p.pos + p.size for p in c.demux(video=0) if p.size]  # where each frame's packet ends
+    (src / "cut40.mp4").write_bytes(data[: ends[39]])  # moov first (faststart): opens, still declares 60
+    (src / "cut10.mp4").write_bytes(data[: ends[9]])
+    data = bytearray((tmp_path / "full.avi").read_bytes())
+    with av.open(str(tmp_path / "full.avi")) as c:
+        pos, size = [(p.pos, p.size) for p in c.demux(video=0) if p.size][40]
+    data[pos: pos + size] = np.random.default_rng(0).bytes(size)  # frame 40's packet: garbage
+    (src / "corrupt40.avi").write_bytes(bytes(data))
+
+    out = tmp_path / "out"
+    assert cli_main(["build", str(src), str(out), "--resolution", "16", "--encoding", "png", "--workers", "0",
+                     "--no-progress"]) == 0
+    assert "2 videos cut short (truncated or corrupt)" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["skipped"] == [{"source": "cut10.mp4", "reason": "truncated: decoded 10 of 60 frames, a clip needs 16"}]
+    by_src = {v["source"]: v for v in m["sources"]}
+    assert by_src["cut40.mp4"] == dict(by_src["cut40.mp4"], num_frames=40, num_clips=2, header_frames=60)
+    assert "decode_error" not in by_src["cut40.mp4"]
+    bad = by_src["corrupt40.avi"]
+    assert 32 <= bad["num_frames"] <= 40 and bad["num_clips"] == 2 and bad["header_frames"] == 60
+    assert bad["decode_error"].startswith("InvalidDataError")
+    recs = read_tar(out / "shard-000000.tar")
+    assert sorted(recs) == ["c000000_0000", "c000000_0001", "c000002_0000", "c000002_0001"]
+    decoded = real_frames_from_file(tmp_path / "full.mp4")  # lossless PNG: exactly the frames before the cut
+    for j in range(16):
+        want = square_resize(Image.fromarray(decoded[16 + j]), 16)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(recs["c000002_0001"][f"f{j:04d}.png"]))), want)
 
 
 @pytest.mark.slow
@@ -219,3 +278,43 @@ def test_killed_build_resumes_and_keeps_finished_shards(tmp_path):
     m_out = json.loads((out / "manifest.json").read_text())
     assert m_out["shards"] == m_ref["shards"] and m_out["num_clips"] == 10 * 3  # byte-identical shards (sha256)
     assert not (out / JOURNAL).exists() and not list(out.glob(".*.tmp"))
+
+
+def interrupt_when(proc: subprocess.Popen, ready, sig: int, timeout_s: float = 120) -> None:
+    """Send `sig` to the process group of `proc` (Ctrl-C reaches the builder and its workers) once `ready()`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready():
+            os.killpg(proc.pid, sig)
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the build ended (rc {proc.poll()}) before it could be interrupted")
+
+
+def ctrl_c_able(**kw) -> dict:
+    """Popen arguments for a child in its own process group that turns SIGINT into KeyboardInterrupt
+    (a child started with SIGINT ignored, as from a background shell, would not)."""
+    return dict(start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_keeps_shards_and_cleans_temp_files(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(10):
+        write_video(src / f"v{k:02d}.mp4", real_frames("carphone_pristine.mp4", 8 * k, 48, size=(40, 32)))
+    out = tmp_path / "out"
+    args = ["build", str(src), str(out), "--resolution", "16", "--max-clips-per-shard", "2", "--workers", "2",
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "data_shards", *args], **ctrl_c_able())
+    try:  # interrupt mid-shard: a shard is being written, and at least one is published
+        interrupt_when(proc, lambda: (out / JOURNAL).exists() and list(out.glob(".shard-*.tmp")), signal.SIGINT)
+    finally:
+        stdout, stderr = proc.communicate(timeout=60)
+    kept = json.loads((out / JOURNAL).read_text())["shards"]
+    assert proc.returncode == 130 and stdout == "" and len(kept) >= 1
+    assert stderr == f"data-shards: interrupted: {len(kept)} shards published; re-run the same command to resume\n"
+    assert sorted(p.name for p in out.iterdir()) == [JOURNAL] + [s["name"] for s in kept]  # no temp files
+    assert cli_main(args) == 0  # resumes
+    assert json.loads((out / "manifest.json").read_text())["num_clips"] == 10 * 3
