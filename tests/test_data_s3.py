@@ -1,11 +1,16 @@
-"""Shards on a real S3 server (weed mini on 127.0.0.1): build to S3, stream back, survive connection resets."""
+"""Shards on a real S3 server (weed mini on 127.0.0.1): build to S3, stream back, survive connection resets,
+refuse wrong credentials in one line, leave no temp files when interrupted."""
 
 import importlib.util
+import json
+import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -13,12 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from data_shards.build import BuildOptions, build_shards
+from data_shards.__main__ import main as cli_main
+from data_shards.build import JOURNAL, BuildOptions, build_shards
 from data_shards.sources import discover
 from data_shards.storage import Destination
 from digan.config import DataConfig
 from digan.data import build_clip_loader, build_pair_loader
 from digan.data.s3 import RetryingS3Reader, S3Settings, configure_s3, is_transient, open_s3
+from test_data_shards import ctrl_c_able, interrupt_when
 
 pytestmark = pytest.mark.slow
 
@@ -105,6 +112,69 @@ def test_mp4_shards_on_s3_match_lossless_within_psnr(s3_env, real_videos, tmp_pa
             assert idx[0] and idx[1]
             assert any(abs((i1 - i0) / 15 - dt[b].item()) < 1e-6 for i0 in idx[0] for i1 in idx[1])
     assert loader.stats()["samples"] == 44
+
+
+def test_wrong_credentials_give_one_line_without_keys(s3_env, real_videos, tmp_path):
+    url = s3_env.url("denied")
+    keys = {"AWS_ACCESS_KEY_ID": "WRONGKEYID0123", "AWS_SECRET_ACCESS_KEY": "wrong-secret-0123456789"}
+    cases = [(["build", str(real_videos), url], {"AWS_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"]},
+              "access denied"),
+             (["build", str(real_videos), url], keys, "access denied"),
+             (["inspect", url], keys, "access denied"),
+             (["demo", url], {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "HOME": str(tmp_path)},
+              "no usable S3 credentials (Unable to locate credentials)")]
+    (tmp_path / "tmp").mkdir()
+    for args, env_change, says in cases:
+        env = {k: v for k, v in {**os.environ, "TMPDIR": str(tmp_path / "tmp"), **env_change}.items() if v is not None}
+        run = subprocess.run([sys.executable, "-m", "data_shards", *args], capture_output=True, text=True, env=env,
+                             timeout=120)
+        assert run.returncode == 2 and run.stdout == "", (args, run.stderr[-3000:])
+        assert run.stderr.count("\n") == 1 and run.stderr.startswith(f"data-shards: {url}: {says}"), run.stderr
+        for secret in (s3_env.secret_key, s3_env.access_key, *keys.values()):
+            assert secret not in run.stderr
+    assert s3_temp_files(tmp_path / "tmp") == []  # nothing was written
+
+
+def s3_temp_files(tmp: Path) -> list[str]:
+    return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*"))
+
+
+def test_interrupted_s3_build_leaves_no_temp_files(s3_env, real_videos, tmp_path, monkeypatch):
+    """Shards for S3 are written to a per-destination folder under the temp dir first: Ctrl-C removes it;
+    after a hard kill the next build into the same destination does."""
+    import s3fs
+
+    tmp = tmp_path / "tmp"  # the builder's system temp dir (TMPDIR), watched here
+    tmp.mkdir()
+    url = s3_env.url("interrupted")
+    args = ["build", str(real_videos), url, "--resolution", "32", "--windows", "overlap", "--clip-stride", "8",
+            "--max-clips-per-shard", "8", "--workers", "0", "--no-progress"]
+    run = [sys.executable, "-m", "data_shards", *args]
+    # a shard past the first is being written: the first is published, and the journal with it
+    mid_shard = lambda: any(not p.name.startswith(".shard-000000.") for p in tmp.rglob(".shard-*.tmp"))  # noqa: E731
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        proc = subprocess.Popen(run, **ctrl_c_able(env={**os.environ, "TMPDIR": str(tmp)}))
+        try:
+            interrupt_when(proc, mid_shard, sig)
+        finally:
+            _, stderr = proc.communicate(timeout=60)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        journal = json.loads(fs.cat_file(f"{s3_env.bucket}/interrupted/{JOURNAL}"))
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130 and len(journal["shards"]) >= 1
+            assert stderr == (f"data-shards: interrupted: {len(journal['shards'])} shards published; "
+                              "re-run the same command to resume\n")
+            assert s3_temp_files(tmp) == []
+        else:  # no cleanup runs: the shard being written stays behind, in this destination's folder
+            assert proc.returncode == -signal.SIGKILL
+            [folder] = tmp.iterdir()
+            assert folder.name.startswith(f"data-shards-{os.getuid()}-") and folder.stat().st_mode & 0o777 == 0o700
+            assert [p.name.split(".tar.")[0] for p in folder.iterdir()] == [f".shard-{len(journal['shards']):06d}"]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # the next build, in this process, uses the same temp dir
+    assert cli_main(args) == 0
+    assert s3_temp_files(tmp) == []
+    m = json.loads(fs.cat_file(f"{s3_env.bucket}/interrupted/manifest.json"))
+    assert m["num_clips"] == 44 and m["num_shards"] == 6
 
 
 class ResetProxy:
