@@ -98,10 +98,12 @@ class DataConfig:
     num_frames: int = 16  # clip length N: pairs are drawn inside N frames, dt = index gap / (N - 1)
     num_workers: int = 1  # DataLoader worker processes per training worker
     shuffle_buffer: int = 256  # records in the shuffle buffer
-    resampled: bool = True  # infinite stream that draws shards with replacement (the training default)
+    resampled: bool = True  # True: endless stream, shards drawn with replacement; False: exact epochs (README)
     s3_endpoint_url: str | None = None  # S3 endpoint (else AWS_ENDPOINT_URL / the AWS config chain)
     s3_region: str | None = None  # S3 region (else AWS_DEFAULT_REGION / the AWS config chain)
-    s3_max_retries: int = 5  # retries with exponential backoff on transient S3 errors
+    s3_max_retries: int = 5  # botocore's retries of one S3 request (then ours, within the budget below)
+    s3_retry_budget_s: float = 300.0  # an S3 outage longer than this fails the loader (then Ray Train's retries)
+    stall_timeout_s: float = 300.0  # no usable record for this long: stop with the reason (all rejected, ...)
     epoch_clips: int = 0  # resampled mode: clips per epoch over all ranks; 0 = the manifest's clip count
     worker_start_method: str = "auto"  # DataLoader workers: auto (= fork; S3-safe) | fork | forkserver | spawn
 
@@ -217,6 +219,8 @@ def validate(cfg: Config) -> None:
     need(d.num_workers >= 0, f"data.num_workers={d.num_workers}: must be >= 0")
     need(d.shuffle_buffer >= 0, f"data.shuffle_buffer={d.shuffle_buffer}: must be >= 0")
     need(d.s3_max_retries >= 0, f"data.s3_max_retries={d.s3_max_retries}: must be >= 0")
+    need(d.s3_retry_budget_s > 0, f"data.s3_retry_budget_s={d.s3_retry_budget_s}: must be > 0 (seconds)")
+    need(d.stall_timeout_s > 0, f"data.stall_timeout_s={d.stall_timeout_s}: must be > 0 (seconds)")
     need(d.epoch_clips >= 0, f"data.epoch_clips={d.epoch_clips}: must be >= 0 (0 = the manifest's clip count)")
     need(d.worker_start_method in ("auto", "fork", "forkserver", "spawn"),
          f"data.worker_start_method={d.worker_start_method!r}: choose auto, fork, forkserver or spawn")

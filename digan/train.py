@@ -146,6 +146,21 @@ def init_ray(cfg: Config) -> None:
     )
 
 
+class LaunchError(RuntimeError):
+    """A problem found on the driver before any worker starts (one line, naming the key)."""
+
+
+def check_data(cfg: Config) -> None:
+    """The shards against the config, here on the driver: a wrong clip length, resolution, format or a
+    missing shard fails in seconds, before Ray starts any worker (the loaders repeat the same checks)."""
+    from digan.data import check_source
+
+    try:
+        check_source(cfg.data, cfg.model.resolution)
+    except (ValueError, OSError) as e:  # FileNotFoundError, PermissionError, S3 errors are OSErrors
+        raise LaunchError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
 def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = None) -> TrainOutcome:
     """Run (or resume) `cfg` on Ray Train; blocks until done or stopped. Returns where the outputs are.
 
@@ -163,6 +178,7 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
         from digan.data import ensure_demo_shards
 
         print(f"demo data: {ensure_demo_shards(cfg.data, cfg.model.resolution)}", flush=True)
+    check_data(cfg)
 
     fs, storage_fs_path = ckpt.resolve_storage(cfg.train.storage_path, cfg.data.s3_endpoint_url, cfg.data.s3_region)
     init_ray(cfg)
@@ -262,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         print(plan(cfg))
         return 0
     t0 = time.time()
-    out = launch(cfg)
+    try:
+        out = launch(cfg)
+    except LaunchError as e:
+        print(f"digan.train: {e}", file=sys.stderr)
+        return 2
     state = "stopped" if out.stopped else "finished"
     print(f"\n{state} after {time.time() - t0:.0f} s at step {out.step} ({out.kimg} kimg)" if out.step is not None
           else f"\n{state} after {time.time() - t0:.0f} s")

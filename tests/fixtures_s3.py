@@ -93,11 +93,17 @@ def _s3_answers(endpoint: str) -> bool:
         return False
 
 
-def start_weed(workdir: Path, timeout_s: float = 90.0) -> tuple[subprocess.Popen, S3Server]:
-    """Start `weed mini` in workdir and wait until the bucket is usable with the credentials."""
+def start_weed(workdir: Path, timeout_s: float = 90.0, ports: list[int] | None = None
+               ) -> tuple[subprocess.Popen, S3Server]:
+    """Start `weed mini` in workdir and wait until the bucket is usable with the credentials.
+
+    `ports` (the 10 of a previous start, `weed_ports(workdir)`) restarts a stopped server in place: same
+    endpoint, same data, as an outage that ends."""
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
-    (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, admin, admin_g) = free_ports(10)
+    ports = ports or free_ports(10)
+    (workdir / "ports").write_text(" ".join(map(str, ports)))
+    (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, admin, admin_g) = ports
     cmd = [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-master.port={master}", f"-master.port.grpc={master_g}", f"-volume.port={volume}",
            f"-volume.port.grpc={volume_g}", f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
@@ -108,7 +114,7 @@ def start_weed(workdir: Path, timeout_s: float = 90.0) -> tuple[subprocess.Popen
            f"-bucket={BUCKET}"]
     # weed mini makes the identity in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY its admin user
     env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
-    log = open(workdir / "weed.log", "wb")
+    log = open(workdir / "weed.log", "ab")
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     log.close()
@@ -128,6 +134,10 @@ def start_weed(workdir: Path, timeout_s: float = 90.0) -> tuple[subprocess.Popen
     stop_weed(proc)
     tail = (workdir / "weed.log").read_text(errors="replace")[-3000:]
     raise RuntimeError(f"weed mini did not come up (rc={proc.returncode}, last={last!r}); log tail:\n{tail}")
+
+
+def weed_ports(workdir: Path) -> list[int]:
+    return [int(p) for p in (workdir / "ports").read_text().split()]
 
 
 def _client(server: S3Server):

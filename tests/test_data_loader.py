@@ -100,21 +100,30 @@ def test_dt_follows_the_official_beta_sampler(demo):
     assert abs(dts.mean() - ref.mean()) < 0.03 and abs((dts == 0).mean() - (ref == 0).mean()) < 0.04
 
 
-def test_every_clip_once_across_two_ranks_and_two_workers(demo):
+def test_exact_epochs_every_clip_once_across_two_ranks_and_two_workers(demo):
+    """resampled=false: disjoint equal shares, whole batches, each clip at most once per epoch; the
+    369 - 23 * 16 = 1 clip left out is the tail of that epoch's order, so it changes between epochs."""
     all_keys = set(read_records(demo))
     cfg = DataConfig(source=str(demo), num_workers=2, resampled=False, shuffle_buffer=32)
     loaders = [build_pair_loader(cfg, 32, 8, rank=r, world_size=2, seed=5) for r in range(2)]
+    assert [len(lo) for lo in loaders] == [23, 23]
     epochs = []
-    for _ in range(2):
-        seen = []
+    for _ in range(3):
+        seen, steps = [], []
         for loader in loaders:
+            n = 0
             for pair, dt in loader:
-                assert pair.shape[1:] == (2, 3, 32, 32) and len(loader.last_keys) == pair.shape[0]
+                assert pair.shape == (8, 2, 3, 32, 32) and len(loader.last_keys) == 8
                 seen += loader.last_keys
-        assert len(seen) == len(all_keys) and set(seen) == all_keys  # each clip exactly once
+                n += 1
+            steps.append(n)
+        assert steps == [23, 23]  # the same number of steps on every rank
+        assert len(seen) == len(set(seen)) == 368 and set(seen) <= all_keys  # each clip at most once
         epochs.append(seen)
     assert epochs[0] != epochs[1]  # a new seeded order every epoch
-    assert sum(loader.stats()["samples"] for loader in loaders) == 2 * len(all_keys)
+    assert len({next(iter(all_keys - set(e))) for e in epochs}) > 1  # a different clip sits out
+    assert sum(loader.stats()["samples"] for loader in loaders) == 3 * 368
+    assert sum(loader.stats()["padded"] for loader in loaders) == 0
 
 
 def test_stream_is_seeded_and_resume_does_not_replay(demo):
@@ -185,9 +194,16 @@ def test_bad_records_and_truncated_shard_are_skipped_and_counted(demo, tmp_path)
         for _ in loader:
             seen += loader.last_keys
         s = loader.stats()
-        assert sorted(seen) == sorted([good[0][0], good[4][0]] + [k for k, _ in good[5:25]] +
-                                      [k for k, _ in good[35:40]])
-        assert s["skipped_decode"] == 1 and s["skipped_incomplete"] == 3 and s["shard_errors"] >= 1
+        usable = [good[0][0], good[4][0]] + [k for k, _ in good[5:25]] + [k for k, _ in good[35:40]]
+        if mode == "clip":  # one pass, every usable clip once
+            assert sorted(seen) == sorted(usable)
+            assert s["skipped_decode"] == 1 and s["skipped_incomplete"] == 3 and s["shard_errors"] >= 1
+        else:
+            # exact epochs over 30 readable records (the cut one is not a record): 7 whole batches of 4;
+            # the rejected records in the share are made up for by repeats of its usable ones
+            assert len(seen) == 28 and set(seen) <= set(usable)
+            assert s["padded"] == len(seen) - len(set(seen)) > 0
+            assert 0 < s["padded"] <= s["skipped_decode"] + s["skipped_incomplete"] and s["shard_errors"] >= 1
         assert s["skipped_total"] == s["skipped_decode"] + s["skipped_incomplete"] + s["shard_errors"]
 
 

@@ -13,7 +13,8 @@ import importlib
 
 _EXPORTS = {"build_pair_loader": "loader", "build_clip_loader": "loader", "StreamLoader": "loader",
             "list_shards": "loader", "read_manifest": "loader", "resolve_source": "loader",
-            "ensure_demo_shards": "demo", "S3Settings": "s3", "ClipsTooShortError": "loader"}
+            "ensure_demo_shards": "demo", "S3Settings": "s3", "ClipsTooShortError": "loader",
+            "DataError": "loader", "S3OutageError": "s3", "check_source": "loader", "locate": "loader"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -34,6 +34,9 @@ def ensure_demo_shards(cfg: DataConfig, resolution: int) -> str:
         try:
             build_demo(str(tmp), resolution, clip_length=cfg.num_frames, workers=min(2, os.cpu_count() or 1),
                        progress=False)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: others on shared storage could not enter
             try:
                 os.rename(tmp, final)
             except OSError:  # lost a race with a host that does not share our lock: theirs is complete too

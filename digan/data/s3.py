@@ -30,9 +30,43 @@ from dataclasses import dataclass
 class S3Settings:
     endpoint_url: str | None = None  # None = AWS_ENDPOINT_URL(_S3) or AWS itself
     region: str | None = None  # None = AWS_DEFAULT_REGION / AWS config
-    max_retries: int = 5  # retries of one read/open after a transient error
-    backoff_s: float = 0.2  # first backoff; doubles per retry (with jitter), capped at 10 s
+    max_retries: int = 5  # botocore's retries of one request (its own backoff)
+    backoff_s: float = 0.2  # our first backoff after a failed read; doubles per retry (with jitter), capped at 10 s
     profile: str | None = None  # AWS config profile (credentials stay in the AWS config)
+    retry_budget_s: float = 300.0  # an outage (transient errors, no success in between) longer than this is fatal
+
+
+class S3OutageError(OSError):
+    """The endpoint stayed unreachable past the retry budget: fatal for the loader (not skipped, not retried)."""
+
+
+class _Outage:
+    """The outage clock of this process: the first transient error with no successful read since.
+
+    Every retry loop in this module asks it before retrying, so the budget is one total for the
+    process (a DataLoader worker, or a trainer's main process) however many reads and shards wait on
+    the same outage; any successful read stops the clock. Within the budget reads are retried at their
+    byte offset: a server that comes back in time loses no bytes, hence no samples.
+    """
+
+    since: float | None = None
+
+    @classmethod
+    def ok(cls) -> None:
+        cls.since = None
+
+    @classmethod
+    def failed(cls, exc: BaseException, settings: S3Settings, what: str) -> None:
+        """Record a transient error; raise S3OutageError when the outage has outlasted the budget."""
+        now = time.monotonic()
+        if cls.since is None:
+            cls.since = now
+        if now - cls.since > settings.retry_budget_s:
+            cls.since = None
+            raise S3OutageError(
+                f"s3: {_endpoint(settings) or 'AWS S3'} unreachable for {settings.retry_budget_s:g} s "
+                f"(data.s3_retry_budget_s) while reading {what}; last error: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
 
 
 _settings = S3Settings()
@@ -82,7 +116,7 @@ def strip_scheme(url: str) -> str:
 
 def is_transient(exc: BaseException, _depth: int = 0) -> bool:
     """Errors worth a retry: connection resets, timeouts, throttling and 5xx answers."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, S3OutageError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
@@ -151,9 +185,10 @@ class _RangeFetcher:
     def fetch(self, key: str, start: int, end: int) -> memoryview:
         """Bytes [start, end) of s3://key as a read-only view of one buffer (no per-piece copies).
 
-        A body cut by a transient error (connection reset, read timeout) is resumed from the first
-        missing byte, up to `max_retries` times with backoff; what arrived is kept. botocore retries
-        the request itself, not a broken body. Other errors, and the last transient one, propagate.
+        A body cut by a transient error (connection reset, read timeout, endpoint down) is resumed from
+        the first missing byte, with backoff, for as long as the outage budget allows (`_Outage`); what
+        arrived is kept. botocore retries the request itself, not a broken body. Other errors, and
+        S3OutageError once the budget is spent, propagate.
         """
         bucket, _, name = key.partition("/")
         capacity = 1 << max(end - start - 1, 0).bit_length()
@@ -176,9 +211,11 @@ class _RangeFetcher:
                         n += got
                 finally:
                     body.close()
+                _Outage.ok()
             except Exception as e:
-                if attempt >= self.settings.max_retries or not is_transient(e):
+                if not is_transient(e):
                     raise
+                _Outage.failed(e, self.settings, f"s3://{key} at byte {start + n}")
                 backoff_sleep(attempt, self.settings)
                 attempt += 1
         return view.toreadonly()
@@ -234,17 +271,23 @@ class RetryingS3Reader(io.RawIOBase):
         return start, end, self.fetcher.submit(self.key, start, end)
 
     def _retrying(self, fn, offset: int):
-        for attempt in range(self.settings.max_retries + 1):
+        """fn() retried on transient errors until it succeeds or the outage budget is spent."""
+        attempt = 0
+        while True:
             try:
-                return fn()
+                out = fn()
+                _Outage.ok()
+                return out
             except Exception as e:
-                if attempt == self.settings.max_retries or not is_transient(e):
+                if not is_transient(e):
                     raise
+                _Outage.failed(e, self.settings, f"{self.url} at byte {offset}")
                 self.retries += 1
-                print(f"s3: transient error on {self.url} at byte {offset} ({type(e).__name__}); "
-                      f"retry {attempt + 1}/{self.settings.max_retries}", file=sys.stderr)
+                if attempt < 3 or attempt % 10 == 0:
+                    print(f"s3: transient error on {self.url} at byte {offset} ({type(e).__name__}); "
+                          f"retry {attempt + 1} (budget {self.settings.retry_budget_s:g} s)", file=sys.stderr)
                 backoff_sleep(attempt, self.settings)
-        raise AssertionError("unreachable")
+                attempt += 1
 
     def _advance(self) -> bool:
         """Make the range holding `self.pos` current; False at the end of the object."""

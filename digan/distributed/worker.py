@@ -418,7 +418,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rt = GANRuntime(cfg, rank, world_size, device)
     state = TrainState()
 
-    # Data: this rank's shard stream (resampled, so every rank runs the same number of steps).
+    # Data: this rank's shard stream (resampled or exact epochs: every rank runs the same number of steps).
     from digan.data import build_pair_loader
 
     loader = build_pair_loader(cfg.data, cfg.model.resolution, rt.batch_per_worker, rank, world_size,
@@ -518,7 +518,8 @@ class _Window:
         out.pop("kimg", None)  # the recipe's kimg is per step; the caller sets the exact counter
         out["samples_per_s"] = out["it_per_s"] * global_batch
         counts = loader.stats()
-        totals = dist_sum({"skipped_records": counts["skipped_total"], "records_read": counts["records"]})
+        totals = dist_sum({"skipped_records": counts["skipped_total"], "records_read": counts["records"],
+                           "padded_records": counts["padded"]})
         out.update(totals)
         self.reset()
         return out
