@@ -122,6 +122,7 @@ class TrainConfig:
     sample_kimg: float = 400.0  # write a sample video grid every this many kimg
     num_sample_videos: int = 8  # videos in the sample grid (fixed seeds)
     log_every_steps: int = 10  # print a progress line / TensorBoard scalars every this many steps
+    log_data_keys: bool = False  # every rank appends each step's record keys to {run}/data_keys-rank{R}.jsonl
 
 
 @dataclass

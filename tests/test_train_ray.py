@@ -320,6 +320,45 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tmp_path):
         == [target - every, target]
 
 
+def test_exact_epochs_on_hand_written_shards_across_a_killed_worker(ray_cluster, tmp_path):
+    """data.resampled=false on two ranks, on shards written by hand from docs/shard-format.md: a worker
+    killed mid-epoch, the run resumed from the checkpoint inside that epoch; keeping each step's last
+    attempt, every clip is seen exactly once per epoch across the ranks (48 clips = 6 steps of 2 x 4)."""
+    from test_data_faults import contract_dataset
+
+    from digan.train import launch
+
+    clips = contract_dataset(tmp_path / "shards", 48, 5)
+    target, every = 12, 2
+    cfg = tiny_config(f"train.total_kimg={target * BATCH / 1000}", f"train.checkpoint_kimg={every * BATCH / 1000}",
+                      "dist.max_failures=2", f"train.storage_path={tmp_path}", "train.run_name=exact",
+                      f"data.source={tmp_path / 'shards'}", "data.resampled=false", "data.num_workers=1",
+                      "data.shuffle_buffer=8", "train.log_data_keys=true")
+    run_dir = tmp_path / "exact"
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_one_worker_after, args=(ray_cluster, run_dir, 4, killed), daemon=True)
+    killer.start()
+    out = launch(cfg, handle_signals=False)
+    killer.join(timeout=5)
+    assert "pid" in killed, "no worker was killed"
+    assert out.step == target
+    resumed = train_state(out.checkpoint)["resumed_from"]
+    assert len(resumed) == 1 and resumed[0] % 6 != 0, resumed  # resumed inside an epoch
+    for rank in range(2):
+        lines = [json.loads(ln) for ln in (run_dir / f"data_keys-rank{rank}.jsonl").read_text().splitlines()]
+        assert {ln["restarts"] for ln in lines} == {0, 1}
+    last: dict[tuple[int, int], dict] = {}  # (rank, step) -> the line of the attempt that was kept
+    for rank in range(2):
+        for ln in map(json.loads, (run_dir / f"data_keys-rank{rank}.jsonl").read_text().splitlines()):
+            if ln["restarts"] == 1 or ln["step"] <= resumed[0]:
+                last[(rank, ln["step"])] = ln
+    assert sorted(last) == [(r, s) for r in range(2) for s in range(1, target + 1)]
+    for epoch in (0, 1):
+        keys = [k for ln in last.values() if ln["epoch"] == epoch for k in ln["keys"]]
+        assert sorted(keys) == sorted(clips), f"epoch {epoch}: each clip exactly once"
+    assert sorted({ln["epoch"] for ln in last.values()}) == [0, 1]
+
+
 # ----------------------------------------------------------------------------------------------------
 # SIGTERM to the driver: checkpoint at the next step boundary, exit 0; the rerun resumes.
 

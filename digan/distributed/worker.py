@@ -439,6 +439,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     total_nimg = int(round(cfg.train.total_kimg * 1000))
     batches = _endless(loader)
     window = _Window()
+    keys_log = None
+    if cfg.train.log_data_keys:
+        if not logger.is_local:
+            raise ValueError("train.log_data_keys: needs a local train.storage_path")
+        os.makedirs(logger.run_fs_path, exist_ok=True)
+        keys_log = open(os.path.join(logger.run_fs_path, f"data_keys-rank{rank}.jsonl"), "a", buffering=1)
     try:
         while state.cur_nimg < total_nimg:
             t0 = time.perf_counter()
@@ -447,6 +453,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             stats = rt.train_step(real_pair, real_dt)
             prev_nimg = state.cur_nimg
             state.step, state.cur_nimg = rt.step, rt.cur_nimg
+            if keys_log is not None:  # which clips each step saw, per rank (an audit; local storage only)
+                keys_log.write(json.dumps({"step": state.step, "epoch": loader.epoch,
+                                           "restarts": len(state.resumed_from), "keys": loader.last_keys}) + "\n")
             window.add(stats, t_data, time.perf_counter() - t0)
 
             stop = stopper.should_stop()
@@ -482,6 +491,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 return
     finally:
         logger.close()
+        if keys_log is not None:
+            keys_log.close()
 
 
 class _Window:
