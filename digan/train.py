@@ -161,6 +161,19 @@ def check_data(cfg: Config) -> None:
         raise LaunchError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
+def check_storage(storage_path: str, cwd: str | None = None) -> None:
+    """A relative train.storage_path is refused where the driver runs in Ray's working-dir cache (a `ray job
+    submit --working-dir` driver): outputs would land in `.../runtime_resources/working_dir_files/_ray_pkg_<hash>/`
+    on one node, lost with the cache, and a resubmission with edited code (another hash) would never resume."""
+    if "://" in storage_path or os.path.isabs(os.path.expanduser(storage_path)):
+        return
+    cwd = cwd or os.getcwd()
+    if "_ray_pkg_" in cwd or f"{os.sep}runtime_resources{os.sep}" in cwd:
+        raise LaunchError(f"train.storage_path={storage_path!r} is relative and this driver runs in Ray's "
+                          f"working-dir cache ({cwd}): outputs would be lost with it and a resubmission would "
+                          "not resume; pass an absolute path on storage every node shares, or s3://bucket/prefix")
+
+
 def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = None) -> TrainOutcome:
     """Run (or resume) `cfg` on Ray Train; blocks until done or stopped. Returns where the outputs are.
 
@@ -178,13 +191,18 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
         from digan.data import ensure_demo_shards
 
         print(f"demo data: {ensure_demo_shards(cfg.data, cfg.model.resolution)}", flush=True)
+    check_storage(cfg.train.storage_path)
     check_data(cfg)
 
     fs, storage_fs_path = ckpt.resolve_storage(cfg.train.storage_path, cfg.data.s3_endpoint_url, cfg.data.s3_region)
     init_ray(cfg)
     use_gpu = cfg.dist.use_gpu if cfg.dist.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    stop_flag = ray.remote(num_cpus=0)(_StopFlag).remote()
+    # The stop flag lives on the driver's node: nothing the workers depend on may die with another node.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    stop_flag = ray.remote(num_cpus=0)(_StopFlag).options(scheduling_strategy=here).remote()
 
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -302,14 +302,13 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tmp_path):
     assert len(state["resumed_from"]) == 1, state["resumed_from"]
     resumed = state["resumed_from"][0]
     assert resumed % every == 0 and 4 <= resumed < target
-    # stats.jsonl: the first attempt logged steps 1..k (k >= resume point, killed during step k+1),
-    # the second steps resumed+1..target; steps done twice are at most one checkpoint interval.
+    # stats.jsonl holds each step once: the first attempt's lines up to the resume point (its lines for
+    # the steps after it, rolled back with the kill, were dropped at the resume), then the second's.
     stats = read_stats(run_dir)
     first = [s["step"] for s in stats if s["restarts"] == 0]
     second = [s["step"] for s in stats if s["restarts"] == 1]
-    assert first == list(range(1, len(first) + 1)) and first[-1] >= resumed
+    assert first == list(range(1, resumed + 1))
     assert second == list(range(resumed + 1, target + 1))
-    assert first[-1] - resumed <= every, (first, resumed)
     # each line is one iteration (log_every_steps=1): the separate R1 step on every 4th iteration from 0
     # (demo-32's loss.r1_interval) makes D take 2 optimizer steps there, 1 elsewhere, before and after resume
     r1_iteration = [(s["step"] - 1) % 4 == 0 for s in stats]

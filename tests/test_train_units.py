@@ -1,6 +1,7 @@
 """Unit tests of the training plumbing that need no Ray: ds_config, the DeepSpeed updater on a 1-rank gloo
 group, keyed latents, checkpoint files and find-latest, RNG state, the CLI's --dry-run."""
 
+import json
 import os
 import random
 import socket
@@ -243,3 +244,46 @@ def test_run_logger_samples_reach_tensorboard_as_videos(tmp_path):
     gif = Image.open(io.BytesIO(events[-1].encoded_image_string))
     assert gif.format == "GIF" and gif.size == (2 * 32, 32)  # 2 videos side by side
     assert sum(1 for _ in ImageSequence.Iterator(gif)) == 6
+
+
+def test_run_logger_keeps_each_step_once_after_a_resume(tmp_path):
+    """Steps logged after the checkpoint a resume starts from were rolled back: stats.jsonl and TensorBoard
+    drop them, so each step is there once, from the attempt the checkpoints continue."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from digan.distributed.worker import RunLogger
+
+    cfg = load_config("demo-32")
+    storage = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), experiment_fs_path=str(tmp_path / "run"))
+    line = {"kimg": 0.0, "it_per_s": 1.0, "samples_per_s": 16.0, "data_wait_frac": 0.0, "skipped_records": 0}
+    first = RunLogger(cfg, storage, enabled=True)
+    for step in range(1, 8):  # the attempt that is killed during step 8; its last checkpoint: step 4
+        first.log(step, {**line, "step": step, "loss_G": float(step), "restarts": 0})
+    first.close()
+    second = RunLogger(cfg, storage, enabled=True)
+    second.resume_at(4)
+    for step in range(5, 10):
+        second.log(step, {**line, "step": step, "loss_G": 100.0 + step, "restarts": 1})
+    second.close()
+    stats = [json.loads(ln) for ln in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["restarts"]) for s in stats] == [(s, 0) for s in range(1, 5)] + [(s, 1) for s in range(5, 10)]
+    ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("loss_G")] == \
+        [(s, float(s)) for s in range(1, 5)] + [(s, 100.0 + s) for s in range(5, 10)]
+
+
+def test_storage_path_rule_under_a_ray_job():
+    """A relative train.storage_path in Ray's working-dir cache is refused with one line; elsewhere kept."""
+    from digan.train import LaunchError, check_storage
+
+    cache = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_0123abcd"
+    with pytest.raises(LaunchError, match="working-dir cache") as err:
+        check_storage("runs", cwd=cache)
+    assert "\n" not in str(err.value) and "s3://bucket/prefix" in str(err.value)
+    check_storage("/shared/runs", cwd=cache)  # absolute: the user's choice
+    check_storage("s3://bucket/runs", cwd=cache)
+    check_storage("runs", cwd="/home/me/digan")  # a plain driver: ./runs is where the user is

@@ -245,6 +245,7 @@ class RunLogger:
         self.fs, self.run_fs_path = storage.storage_filesystem, storage.experiment_fs_path
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
         self._tb = None
+        self._purge_step: int | None = None
         if not enabled:
             return
         if self.is_local:
@@ -264,8 +265,22 @@ class RunLogger:
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+            # purge_step: after a resume, TensorBoard drops the events of the steps that were rolled back
+            self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"), purge_step=self._purge_step)
         return self._tb
+
+    def resume_at(self, step: int) -> None:
+        """A resumed run goes on from `step`: drop the log lines of later steps (they were rolled back), so
+        stats.jsonl and TensorBoard hold each step once, from the attempt the checkpoints continue."""
+        self._purge_step = step + 1
+        if not self.enabled or not (self.dir / "stats.jsonl").exists():
+            return
+        lines = (self.dir / "stats.jsonl").read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = self.dir / ".stats.jsonl.tmp"
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.dir / "stats.jsonl")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -378,13 +393,17 @@ class StopPoller:
         if self.flag is not None and self.rank == 0:
             import ray
 
-            if self._pending is not None:
-                ready, _ = ray.wait([self._pending], timeout=0)
-                if ready:
-                    local = bool(ray.get(self._pending))
-                    self._pending = None
-            if self._pending is None and not local:
-                self._pending = self.flag.is_set.remote()
+            try:
+                if self._pending is not None:
+                    ready, _ = ray.wait([self._pending], timeout=0)
+                    if ready:
+                        local = bool(ray.get(self._pending))
+                        self._pending = None
+                if self._pending is None and not local:
+                    self._pending = self.flag.is_set.remote()
+            except ray.exceptions.RayActorError as e:  # the driver is gone: train on, checkpoints continue
+                print(f"stop flag unreachable ({type(e).__name__}): no more stop requests are seen", flush=True)
+                self.flag, self._pending = None, None
         return any_rank(local)
 
 
@@ -430,6 +449,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             _restore(d, rt, state, loader, rank, world_size)
         state.resumed_from.append(state.step)
+        logger.resume_at(state.step)
         if rank == 0:
             print(f"resumed from {checkpoint.path} at step {state.step} (kimg {state.cur_nimg / 1000:.3f})",
                   flush=True)
