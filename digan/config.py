@@ -118,6 +118,7 @@ class TrainConfig:
     run_name: str = "digan"  # Ray run name; re-running the same name resumes it
     storage_path: str = "runs"  # folder or s3://bucket/prefix for checkpoints, logs and samples
     checkpoint_kimg: float = 400.0  # save a checkpoint every this many kimg
+    checkpoint_minutes: float = 30.0  # and every this many minutes of wall time (bounds lost work; 0 = off)
     keep_checkpoints: int = 3  # keep the last K checkpoints
     sample_kimg: float = 400.0  # write a sample video grid every this many kimg
     num_sample_videos: int = 8  # videos in the sample grid (fixed seeds)
@@ -229,6 +230,7 @@ def validate(cfg: Config) -> None:
     need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1")
     need(t.total_kimg > 0, f"train.total_kimg={t.total_kimg}: must be > 0")
     need(t.checkpoint_kimg > 0, f"train.checkpoint_kimg={t.checkpoint_kimg}: must be > 0")
+    need(t.checkpoint_minutes >= 0, f"train.checkpoint_minutes={t.checkpoint_minutes}: must be >= 0 (0 = off)")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints}: must be >= 1")
     need(t.sample_kimg > 0, f"train.sample_kimg={t.sample_kimg}: must be > 0")
     need(t.num_sample_videos >= 1, f"train.num_sample_videos={t.num_sample_videos}: must be >= 1")

@@ -48,7 +48,8 @@ def plan(cfg: Config) -> str:
         f"DeepSpeed ZeRO-{d.zero_stage} {d.precision}",
         f"      global batch {t.batch_size} ({t.batch_size // d.num_workers} per worker), "
         f"{t.total_kimg:g} kimg = {_steps(t.total_kimg, t.batch_size)} steps, data {cfg.data.source}",
-        f"      run {_join(t.storage_path, t.run_name)}: checkpoint every {t.checkpoint_kimg:g} kimg (keep "
+        f"      run {_join(t.storage_path, t.run_name)}: checkpoint every {t.checkpoint_kimg:g} kimg"
+        + (f" or {t.checkpoint_minutes:g} min" if t.checkpoint_minutes else "") + " (keep "
         f"{t.keep_checkpoints}), samples every {t.sample_kimg:g} kimg, metrics {cfg.metrics.metrics or 'off'}"
         + (f" every {cfg.metrics.interval_kimg:g} kimg" if cfg.metrics.metrics else ""),
     ])

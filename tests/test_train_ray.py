@@ -319,6 +319,28 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tmp_path):
         == [target - every, target]
 
 
+def test_time_based_checkpoints_bound_the_lost_work(ray_cluster, tmp_path):
+    """train.checkpoint_minutes: with a kimg interval longer than the run, checkpoints still come every
+    few seconds of wall time (rank 0's clock, decided alike on both ranks), each one complete."""
+    import pyarrow.fs as pafs
+
+    from digan.train import launch
+
+    target = 24
+    cfg = tiny_config(f"train.total_kimg={target * BATCH / 1000}", "train.checkpoint_kimg=1000",
+                      "train.checkpoint_minutes=0.03", f"train.storage_path={tmp_path}", "train.run_name=clock",
+                      "train.keep_checkpoints=100", "dist.num_workers=2")
+    t0 = time.monotonic()
+    out = launch(cfg, handle_signals=False)
+    wall = time.monotonic() - t0
+    steps = [s for s, _ in ckpt.list_checkpoints(pafs.LocalFileSystem(), str(tmp_path / "clock"))]
+    assert steps[-1] == target and out.step == target
+    # the run itself took several 1.8 s periods: more than the final checkpoint, none at a kimg boundary
+    assert len(steps) >= 2 and all(0 < s <= target for s in steps), (steps, wall)
+    for s in steps:
+        assert train_state(tmp_path / "clock" / ckpt.checkpoint_name(s))["step"] == s
+
+
 def test_exact_epochs_on_hand_written_shards_across_a_killed_worker(ray_cluster, tmp_path):
     """data.resampled=false on two ranks, on shards written by hand from docs/shard-format.md: a worker
     killed mid-epoch, the run resumed from the checkpoint inside that epoch; keeping each step's last

@@ -388,7 +388,8 @@ class StopPoller:
         self.flag, self.rank = flag_actor, rank
         self._pending = None
 
-    def should_stop(self) -> bool:
+    def should_stop(self, time_due: bool = False) -> tuple[bool, bool]:
+        """(stop requested, rank 0's `time_due`), the same on every rank (one all-reduce for both)."""
         local = False
         if self.flag is not None and self.rank == 0:
             import ray
@@ -404,7 +405,7 @@ class StopPoller:
             except ray.exceptions.RayActorError as e:  # the driver is gone: train on, checkpoints continue
                 print(f"stop flag unreachable ({type(e).__name__}): no more stop requests are seen", flush=True)
                 self.flag, self._pending = None, None
-        return any_rank(local)
+        return any_rank(local, time_due and self.rank == 0)
 
 
 def _quiet_report_logs() -> None:
@@ -459,6 +460,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     total_nimg = int(round(cfg.train.total_kimg * 1000))
     batches = _endless(loader)
     window = _Window()
+    last_ckpt = time.monotonic()  # train.checkpoint_minutes counts from here and from every checkpoint
     keys_log = None
     if cfg.train.log_data_keys:
         if not logger.is_local:
@@ -478,9 +480,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                            "restarts": len(state.resumed_from), "keys": loader.last_keys}) + "\n")
             window.add(stats, t_data, time.perf_counter() - t0)
 
-            stop = stopper.should_stop()
+            # Rank 0's wall clock decides time-based checkpoints (shared with the stop flag's all-reduce).
+            minutes = cfg.train.checkpoint_minutes
+            stop, time_due = stopper.should_stop(minutes > 0 and time.monotonic() - last_ckpt >= 60 * minutes)
             done = state.cur_nimg >= total_nimg
-            due_ckpt = done or stop or _crossed(prev_nimg, state.cur_nimg, cfg.train.checkpoint_kimg)
+            due_ckpt = done or stop or time_due or _crossed(prev_nimg, state.cur_nimg, cfg.train.checkpoint_kimg)
             due_metrics = bool(cfg.metrics.metrics) and not stop and (
                 done or _crossed(prev_nimg, state.cur_nimg, cfg.metrics.interval_kimg))
             due_log = due_ckpt or due_metrics or state.step % cfg.train.log_every_steps == 0
@@ -503,6 +507,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if due_ckpt:
                 state.stopped_by_signal = stop
                 _save_checkpoint(cfg, rt, state, loader, logger, metrics, rank, world_size)
+                last_ckpt = time.monotonic()
             else:
                 ray.train.report(metrics)
             if stop:
