@@ -148,14 +148,24 @@ def run_trial(config: dict[str, Any]) -> None:
 # Results.
 
 
+def trial_statuses(result_grid) -> list[str]:
+    """Tune's own status of each trial, in the grid's order (TERMINATED, ERROR, RUNNING, PENDING, PAUSED)."""
+    analysis = getattr(result_grid, "_experiment_analysis", None)  # ResultGrid exposes only the counts
+    if analysis is None:
+        return ["TERMINATED" if not r.error else "ERROR" for r in result_grid]
+    return [t.status for t in analysis.trials]
+
+
 def trials_table(result_grid, metric: str, keys: list[str], max_kimg: float) -> list[dict[str, Any]]:
     """One row per trial: its parameters, its last reported metric, how far it got and how it ended."""
     rows = []
-    for r in result_grid:
+    for r, tune_status in zip(result_grid, trial_statuses(result_grid)):
         cfg, last = r.config or {}, r.metrics or {}
         kimg = last.get("kimg")
         if r.error:
             status = "ERROR"
+        elif tune_status not in ("TERMINATED", "ERROR"):
+            status = "UNFINISHED"  # interrupted (or never started): `--resume` runs it
         elif kimg is not None and kimg < max_kimg - 1e-9:
             status = "STOPPED"  # by ASHA, before the end of its training
         else:
@@ -312,10 +322,18 @@ def main(argv=None) -> int:
     print_table(rows)
     out = Path(args.out).expanduser().resolve() if args.out else (Path(sweep_path) if "://" not in sweep_path else Path.cwd())
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "trials.csv", "w", newline="") as f:
+    # Interrupted (Ctrl-C / SIGUSR1: Tune stops gracefully and returns what it has): nothing that looks final.
+    finished = sum(r["status"] != "UNFINISHED" for r in rows)
+    partial = finished < max(len(rows), args.num_samples)
+    with open(out / ("trials.partial.csv" if partial else "trials.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["trial"])
         w.writeheader()
         w.writerows(rows)
+    if partial:
+        print(f"sweep interrupted: {finished} of {args.num_samples} trials finished ({out / 'trials.partial.csv'}); "
+              "no best.yaml: rerun with --resume to complete it", file=sys.stderr)
+        return 130
+    (out / "trials.partial.csv").unlink(missing_ok=True)
     ok = [r for r in rows if r["status"] != "ERROR" and isinstance(r[metric], (int, float)) and math.isfinite(r[metric])]
     if not ok:
         print("no trial finished with a finite metric", file=sys.stderr)
