@@ -5,8 +5,9 @@
     python benchmarks/quality.py --config demo-32 loss.r1_schedule=folded --out quality-folded
     python benchmarks/quality.py --eval-only --out DIR             # (re)evaluate the checkpoints of DIR
 
-1. Training is the main job itself (`python -m digan.train`, its Ray workers and DeepSpeed engines), with a
-   checkpoint every `--every` kimg and every checkpoint kept; the kimg/hour figure is its own wall time.
+1. Training is the main job itself (`python -m digan.train`, its Ray workers and DeepSpeed engines), run to
+   each evaluation point in turn (`--early` points, then every `--every` kimg), each segment resuming from
+   the previous one's checkpoint, every checkpoint kept; the kimg/hour figure is the jobs' own wall time.
 2. Every checkpoint's G_ema is then scored with real FVD16: the TF-Hub I3D (`tfhub` protocol), N fake
    videos (codes from `--seed`, the same videos at every point) against N real clips of the data. The floor
    line is the FVD between two disjoint sets of N real clips: what a perfect generator would score at this N.
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_config_args(p, default="demo-32")
     p.add_argument("--kimg", type=float, default=200.0, help="training length in kimg (default: 200, ~1 h on 2 cores)")
     p.add_argument("--every", type=float, default=20.0, help="evaluation points every this many kimg (default: 20)")
+    p.add_argument("--early", default="2,5,10", help="earlier evaluation points in kimg (default: 2,5,10; '' = none)")
     p.add_argument("--num-videos", type=int, default=64, help="N fake and N real clips per FVD (default: 64)")
     p.add_argument("--seed", type=int, default=42, help="codes of the fake videos and order of the real clips")
     p.add_argument("--grid-seeds", default="0,1,2,3", help="videos shown in the frame grids (default: 0,1,2,3)")
@@ -51,18 +53,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def schedule(args: argparse.Namespace) -> list[float]:
+    """The kimg of every evaluation point: the early ones, then every `--every`, then the end."""
+    pts = {float(x) for x in args.early.split(",") if x.strip()} | {args.kimg}
+    k = args.every
+    while k < args.kimg - 1e-9:
+        pts.add(round(k, 6))
+        k += args.every
+    return sorted(p for p in pts if 0 < p <= args.kimg)
+
+
 def train(args: argparse.Namespace, out: Path) -> float:
-    """Run the main job; returns its wall time in seconds."""
-    overrides = list(args.overrides) + [
-        f"train.total_kimg={args.kimg:g}", f"train.checkpoint_kimg={args.every:g}", f"train.sample_kimg={args.every:g}",
-        "train.keep_checkpoints=100000", f"train.storage_path={out / 'runs'}", f"train.run_name={RUN_NAME}",
-        "metrics.metrics=[]",
-    ]
-    cmd = [sys.executable, "-m", "digan.train", "--config", args.config, *overrides]
-    print("training:", " ".join(cmd), file=sys.stderr, flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True)
-    return time.time() - t0
+    """Run the main job to each evaluation point (resuming each time); returns the jobs' wall time in seconds."""
+    total = 0.0
+    for point in schedule(args):
+        overrides = list(args.overrides) + [
+            f"train.total_kimg={point:g}", f"train.checkpoint_kimg={args.kimg:g}", f"train.sample_kimg={args.kimg:g}",
+            "train.keep_checkpoints=100000", f"train.storage_path={out / 'runs'}", f"train.run_name={RUN_NAME}",
+            "metrics.metrics=[]",
+        ]
+        cmd = [sys.executable, "-m", "digan.train", "--config", args.config, *overrides]
+        print("training:", " ".join(cmd), file=sys.stderr, flush=True)
+        t0 = time.time()
+        subprocess.run(cmd, check=True)
+        total += time.time() - t0
+    return total
 
 
 def checkpoints(run_dir: Path) -> list[tuple[float, Path]]:
@@ -195,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     out = Path(args.out).resolve()
     if args.dry_run:
-        print(json.dumps({"config": args.config, "overrides": args.overrides, "kimg": args.kimg, "every": args.every,
-                          "num_videos": args.num_videos, "out": str(out)}))
+        print(json.dumps({"config": args.config, "overrides": args.overrides, "kimg": args.kimg,
+                          "points": schedule(args), "num_videos": args.num_videos, "out": str(out)}))
         return 0
     out.mkdir(parents=True, exist_ok=True)
     train_s = None if args.eval_only else train(args, out)
