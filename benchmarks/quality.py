@@ -7,7 +7,8 @@
 
 1. Training is the main job itself (`python -m digan.train`, its Ray workers and DeepSpeed engines), run to
    each evaluation point in turn (`--early` points, then every `--every` kimg), each segment resuming from
-   the previous one's checkpoint, every checkpoint kept; the kimg/hour figure is the jobs' own wall time.
+   the previous one's checkpoint, every checkpoint kept; the kimg/hour figure is the jobs' own wall time,
+   start-ups included (~1 min a segment on 2 cores). A resumed segment starts a fresh data epoch.
 2. Every checkpoint's G_ema is then scored with real FVD16: the TF-Hub I3D (`tfhub` protocol), N fake
    videos (codes from `--seed`, the same videos at every point) against N real clips of the data. The floor
    line is the FVD between two disjoint sets of N real clips: what a perfect generator would score at this N.

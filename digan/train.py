@@ -166,7 +166,9 @@ def check_storage(storage_path: str, cwd: str | None = None) -> None:
     """A relative train.storage_path is refused where the driver runs in Ray's working-dir cache (a `ray job
     submit --working-dir` driver): outputs would land in `.../runtime_resources/working_dir_files/_ray_pkg_<hash>/`
     on one node, lost with the cache, and a resubmission with edited code (another hash) would never resume."""
-    if "://" in storage_path or os.path.isabs(os.path.expanduser(storage_path)):
+    from digan.data.s3 import is_s3
+
+    if is_s3(storage_path) or os.path.isabs(os.path.expanduser(storage_path)):
         return
     cwd = cwd or os.getcwd()
     if "_ray_pkg_" in cwd or f"{os.sep}runtime_resources{os.sep}" in cwd:

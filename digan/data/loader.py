@@ -178,7 +178,8 @@ class _Reader:
         self.last_good, self.rejected = time.monotonic(), 0
 
     def reject(self, kind: str, reason: str) -> None:
-        """Count a rejected record (kind in COUNT_KEYS) and stop the stream when nothing usable came for too long."""
+        """Count a rejected record, shard or error (kind in COUNT_KEYS) and stop the stream when nothing usable
+        came for too long."""
         self.counts[kind] += 1
         self.rejected += 1
         self.why[kind] = reason
@@ -245,18 +246,15 @@ class _Reader:
     def on_shard_error(self, exn: BaseException) -> bool:
         if isinstance(exn, (DataError, S3OutageError)):
             raise exn  # fatal: an outage past its budget, a stall
-        self.counts["shard_errors"] += 1
         self.errors_in_a_row += 1
-        self.rejected += 1
-        self.why["shard_errors"] = f"{type(exn).__name__}: {str(exn).splitlines()[0][:200] if str(exn) else ''}"
         if self.errors_in_a_row > max(20, 2 * len(self.ds.shards)):
             # every shard failing means a wrong location or an outage, not bad records: stop loudly
             raise DataError(f"digan.data: {self.errors_in_a_row} shard errors in a row without a readable "
                             f"record; last: {type(exn).__name__}: {str(exn)[:300]}") from exn
-        if self.counts["shard_errors"] <= 10:
+        if self.counts["shard_errors"] < 10:
             print(f"digan.data: skipping the rest of a shard: {type(exn).__name__}: {str(exn)[:300]}",
                   file=sys.stderr)
-        self.check_stall()
+        self.reject("shard_errors", f"{type(exn).__name__}: {str(exn).splitlines()[0][:200] if str(exn) else ''}")
         return True  # continue with the next record / shard
 
     def on_truncated(self, partial: dict | None, exn: BaseException) -> None:
@@ -292,12 +290,9 @@ class _Reader:
                     failed = True
                     self.on_shard_error(e)
             if self._pos == 0 and not failed:
-                self.counts["empty_shards"] += 1
-                self.rejected += 1
-                self.why["empty_shards"] = f"e.g. {url}"
-                if self.counts["empty_shards"] <= 3:
+                if self.counts["empty_shards"] < 3:
                     print(f"digan.data: empty shard (no records): {url}", file=sys.stderr)
-                self.check_stall()
+                self.reject("empty_shards", f"e.g. {url}")
 
     def shuffled(self, items):
         n = self.ds.shuffle_buffer
@@ -725,7 +720,6 @@ def locate(cfg: DataConfig, resolution: int, num_frames: int | None = None) -> S
     entries = manifest.get("shards")
     if not entries:
         return Source(location, found, None, manifest, have == resolution)
-    base = location.rstrip("/")
     by_name = {u.rsplit("/", 1)[-1]: u for u in found}
     names = [e["name"] for e in entries]
     missing = [n for n in names if n not in by_name]
@@ -737,7 +731,7 @@ def locate(cfg: DataConfig, resolution: int, num_frames: int | None = None) -> S
     if extra:
         print(f"digan.data: {where}: ignoring {len(extra)} shard(s) manifest.json does not list "
               f"({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''})", file=sys.stderr)
-    shards = [by_name[n] if n in by_name else f"{base}/{n}" for n in names]
+    shards = [by_name[n] for n in names]
     return Source(location, shards, [int(e["num_clips"]) for e in entries], manifest, have == resolution)
 
 
@@ -765,13 +759,11 @@ def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, r
     Rejected records are replaced by repeats of the share's own clips (counted as `padded`), so every
     rank takes the same number of steps. A restored loader resumes inside the epoch it was saved in.
     """
-    src = locate(cfg, resolution)
+    src = check_source(cfg, resolution)
     readers = world_size * max(1, cfg.num_workers)
     bpw, clips = None, None
     if cfg.resampled:
-        epoch_clips = cfg.epoch_clips or (src.manifest or {}).get("num_clips")
-        if not epoch_clips:
-            raise ValueError(f"data.source={src.location!r} has no manifest.json: set data.epoch_clips")
+        epoch_clips = cfg.epoch_clips or src.manifest["num_clips"]  # check_source made sure there is one
         bpw = max(1, math.ceil(epoch_clips / (readers * batch_per_worker)))
     else:
         clips = src.clips if src.clips is not None else count_clips(src.shards, s3_settings(cfg))

@@ -69,15 +69,13 @@ def dist_sum(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def any_rank(*flags: bool) -> bool | tuple[bool, ...]:
+def any_rank(*flags: bool) -> tuple[bool, ...]:
     """Each flag true on every rank if it is true on any rank (one MAX all-reduce), so all ranks branch alike."""
     if world_size() == 1:
-        out = tuple(bool(f) for f in flags)
-    else:
-        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out = tuple(bool(v) for v in t.tolist())
-    return out[0] if len(out) == 1 else out
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
 
 
 def broadcast_floats(values: dict[str, float], keys: list[str], src: int = 0) -> dict[str, float]:
