@@ -74,6 +74,10 @@ class LossConfig:
     diffaug_policy: str = "color,translation"  # DiffAugment policy, comma-separated; "" disables
     translation_ratio: float = 0.125  # max translation as a fraction of the side
     xflip: bool = True  # random horizontal flip of real clips
+    ada_target: float = 0.0  # adaptive augmentation (StyleGAN2-ADA, 0.6 there): tune p to keep E sign D(real) here; 0 = off
+    ada_p: float = 0.0  # initial augmentation probability (a fixed p when ada_target = 0)
+    ada_kimg: float = 500.0  # p can move from 0 to 1 in this many kimg
+    ada_interval: int = 4  # adjust p every this many iterations
 
 
 @dataclass
@@ -202,6 +206,10 @@ def validate(cfg: Config) -> None:
     need(lo.r1_gamma >= 0, f"loss.r1_gamma={lo.r1_gamma}: must be >= 0")
     need(lo.r1_interval >= 0, f"loss.r1_interval={lo.r1_interval}: must be >= 0 (0 disables R1)")
     need(lo.g_reg_interval >= 1, f"loss.g_reg_interval={lo.g_reg_interval}: must be >= 1")
+    need(0 <= lo.ada_target < 1, f"loss.ada_target={lo.ada_target}: must be in [0, 1) (0 = off)")
+    need(0 <= lo.ada_p <= 1, f"loss.ada_p={lo.ada_p}: must be in [0, 1]")
+    need(lo.ada_kimg > 0, f"loss.ada_kimg={lo.ada_kimg}: must be > 0")
+    need(lo.ada_interval >= 1, f"loss.ada_interval={lo.ada_interval}: must be >= 1")
     need(lo.r1_schedule in ("separate", "folded"),
          f"loss.r1_schedule={lo.r1_schedule!r}: choose separate (official) or folded")
     policies = [p for p in lo.diffaug_policy.split(",") if p]

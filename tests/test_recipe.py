@@ -523,3 +523,92 @@ def test_separate_r1_step_applies_the_x16_penalty_alone():
     # and the main step's gradient is not that (nor does it contain it: it is the adversarial one)
     for got, want in zip(main_grads, r1_reference(main_weights)):
         assert got is not None and (want is None or not torch.allclose(got, want))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adaptive augmentation (loss.ada_target; StyleGAN2-ADA's geometric pipeline and p heuristic).
+
+
+def test_ada_off_is_the_identity_and_untouched_pairs_stay_bit_exact():
+    from digan.training import AdaptiveAugment
+
+    x = torch.randn(64, 2, 3, 8, 8)
+    assert AdaptiveAugment(0.0)(x) is x
+    ada = AdaptiveAugment(0.2)
+    _, changed = ada.matrices(64, 8, torch.Generator().manual_seed(5))
+    y = ada(x, torch.Generator().manual_seed(5))
+    assert 0 < int(changed.sum()) < 64  # at p = 0.2 some pairs draw no op at all
+    assert torch.equal(y[~changed], x[~changed])
+    assert (y[changed] - x[changed]).flatten(1).abs().amax(1).min() > 1e-3
+
+
+def test_ada_moves_both_frames_of_a_pair_alike_and_is_differentiable_twice():
+    from digan.training import AdaptiveAugment
+
+    frame = torch.randn(16, 1, 3, 8, 8)
+    y = AdaptiveAugment(1.0)(frame.expand(16, 2, 3, 8, 8).contiguous(), torch.Generator().manual_seed(0))
+    assert torch.equal(y[:, 0], y[:, 1])
+    x = torch.randn(4, 2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(2 * 3, requires_grad=True)
+    out = (AdaptiveAugment(1.0)(x).flatten(1, 2) * w.view(1, -1, 1, 1)).square().sum()
+    (g,) = torch.autograd.grad(out, x, create_graph=True)
+    g.square().sum().backward()  # R1's second derivative through the augmentation
+    assert w.grad is not None and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+def test_ada_op_frequencies_follow_p():
+    """Each op fires with probability p (rotations 1 - sqrt(1 - p)): a pair is untouched with probability
+    (1 - p)^6 (1 - p) (six ops at p, two rotations at 1 - sqrt(1 - p))."""
+    from digan.training import AdaptiveAugment
+
+    for p in (0.1, 0.5):
+        _, changed = AdaptiveAugment(p).matrices(20000, 32, torch.Generator().manual_seed(1))
+        expected = 1 - (1 - p) ** 7
+        assert float(changed.float().mean()) == pytest.approx(expected, abs=0.015)
+
+
+def test_ada_tuner_follows_the_official_heuristic():
+    from digan.training import AdaTuner
+
+    t = AdaTuner(target=0.6, kimg=1.0, interval=4, batch_size=16)
+    ps = []
+    for step in range(1, 25):
+        t.observe(torch.tensor(0.9 if step <= 12 else 0.1))  # D overfits, then it does not
+        if t.due(step):
+            ps.append(t.adjust(t.local_mean()))
+    step = 16 * 4 / 1000  # batch * interval / (kimg * 1000)
+    assert ps == pytest.approx([step, 2 * step, 3 * step, 2 * step, step, 0.0])
+    t.adjust(-1.0)
+    assert t.p == 0.0  # never below 0
+    t2 = AdaTuner(0.6, 1.0, 4, 16)
+    t.observe(0.7)
+    t2.load_state_dict(t.state_dict())
+    assert t2.state_dict() == t.state_dict()
+
+
+def test_ada_in_training_moves_p_and_its_state_travels():
+    """A run with loss.ada_target: p moves by whole heuristic steps and is reported; a trainer restored from a
+    mid-interval state_dict has the same p and the open interval's sum (the default stays off)."""
+    over = ["model.resolution=8", "model.input_resolution=4", "model.channel_max=8", "model.d_channel_max=8",
+            "model.z_dim=8", "model.w_dim=8", "model.motion_z_dim=8", "model.coord_emb_size=4", "train.batch_size=2",
+            "model.mbstd_group=2", "loss.ada_target=0.05", "loss.ada_kimg=0.1", "loss.ada_interval=2"]
+    cfg = load_config("demo-32", over)
+    with pytest.raises(ConfigError, match="loss.ada_target"):
+        load_config("demo-32", ["loss.ada_target=1.5"])
+    real = torch.rand(2, 2, 3, 8, 8) * 2 - 1
+    a = SingleProcessTrainer(cfg, seed=0)
+    assert a.loss.ada is not None and a.loss.ada.p == 0.0
+    for _ in range(3):
+        a.train_step(real, torch.rand(2))
+    state = {k: v for k, v in a.state_dict().items()}
+    ps_a = []
+    for _ in range(5):
+        stats = a.train_step(real, torch.rand(2))
+        ps_a.append(a.loss.ada.p)
+    assert "signs_real" in stats and "ada_p" in stats
+    assert all(abs(p / 0.02 - round(p / 0.02)) < 1e-9 for p in ps_a)  # whole steps of 2 * 2 / 100
+    assert max(ps_a) > 0
+    b = SingleProcessTrainer(cfg, seed=0)
+    b.load_state_dict(state)
+    assert b.loss.ada.p == state["ada"]["p"] and b.ada.count == 1  # the open interval travels too
+    assert load_config("demo-32").loss.ada_target == 0.0 and DIGANLoss.from_config(load_config("demo-32").loss).ada is None

@@ -39,8 +39,8 @@ from digan.distributed.deepspeed import DeepSpeedUpdater, build_ds_config, initi
 from digan.distributed.utils import (any_rank, barrier, dist_mean, dist_sum, rng_state, seed_everything,
                                      seed_for_rank, set_rng_state)
 from digan.malloc import configure_malloc
-from digan.training import (EMA, DIGANLoss, DiscriminatorPair, build_adam, d_reg_interval, sample_time_pairs,
-                            train_step)
+from digan.training import (EMA, DIGANLoss, DiscriminatorPair, build_ada_tuner, build_adam, d_reg_interval,
+                            sample_time_pairs, train_step, tune_ada)
 
 # ----------------------------------------------------------------------------------------------------
 # Latents keyed by global sample index.
@@ -137,6 +137,7 @@ class GANRuntime:
         self.loss = KeyedLatentLoss(self.latents, **DIGANLoss.config_kwargs(cfg.loss))
         # Augmentation and xflip draw from this rank's own stream.
         seed_everything(seed_for_rank(cfg.train.seed, rank))
+        self.ada = build_ada_tuner(cfg)  # adaptive augmentation's p (loss.ada_target > 0)
         self.step = 0  # iterations done
         self.cur_nimg = 0  # real pairs shown to D, all ranks together
 
@@ -169,7 +170,13 @@ class GANRuntime:
                            self.step, self.cur_nimg)
         self.step += 1
         self.cur_nimg += self.cfg.train.batch_size
+        tune_ada(self.ada, self.loss, stats, self.step, reduce=lambda r: dist_mean({"r_t": r})["r_t"])
         return stats
+
+    def set_ada(self, state: dict[str, float]) -> None:
+        self.ada.load_state_dict(state)
+        if self.loss.ada is not None:
+            self.loss.ada.p = self.ada.p
 
     # -- checkpoint parts (collective: every rank calls) --------------------------------------------
 
@@ -601,10 +608,12 @@ def _save_checkpoint(cfg: Config, rt: GANRuntime, state: TrainState, loader, log
     try:
         state.segments.append([state.segment_start, state.step])
         rt.save_engines(staging)  # collective
-        ckpt.atomic_torch_save({"loader": loader.state_dict(), "rng": rng_state(), "world_size": world_size},
+        ckpt.atomic_torch_save({"loader": loader.state_dict(), "rng": rng_state(), "world_size": world_size,
+                                "ada": rt.ada.state_dict()},
                                os.path.join(staging, ckpt.rank_state_file(rank)))
         if rank == 0:
-            ckpt.atomic_torch_save({**state.state_dict(), "G_ema": rt.ema.state_dict(), "config": to_dict(cfg)},
+            ckpt.atomic_torch_save({**state.state_dict(), "G_ema": rt.ema.state_dict(), "config": to_dict(cfg),
+                                    "ada_p": rt.ada.p},
                                    os.path.join(staging, ckpt.TRAIN_STATE_FILE))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), checkpoint_dir_name=name)
         # Every rank has finished copying its part once all have passed this barrier.
@@ -632,11 +641,14 @@ def _restore(directory: str, rt: GANRuntime, state: TrainState, loader, rank: in
     rt.load_engines(directory)
     state.load_state_dict(train_state)
     rt.ema.load_state_dict(train_state["G_ema"])
+    rt.set_ada({"p": float(train_state.get("ada_p", rt.cfg.loss.ada_p))})  # the same p on every rank
     rank_file = os.path.join(directory, ckpt.rank_state_file(rank))
     rank_state = ckpt.load_weights_only(rank_file) if os.path.exists(rank_file) else None
     if rank_state is not None and int(rank_state.get("world_size", -1)) == world_size:
         loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"])
+        if "ada" in rank_state:  # this rank's part of the open ADA interval
+            rt.set_ada(rank_state["ada"])
     else:
         # Another world size: per-rank streams cannot be mapped; start fresh ones that differ from
         # the ones used before the checkpoint (keyed by the resume step).

@@ -11,6 +11,8 @@ global RNG of the pair's device unless a `torch.Generator` (on that device) is g
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 POLICIES = ("color", "translation", "cutout")
@@ -192,3 +194,127 @@ def random_xflip(pair: torch.Tensor, p: float = 0.5, generator: torch.Generator 
     """Mirror each real pair horizontally with probability p, both frames together (official `mirror: 1`)."""
     flip = torch.rand(pair.shape[0], device=pair.device, generator=generator) < p
     return torch.where(flip.view(-1, 1, 1, 1, 1), pair.flip(-1), pair)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adaptive discriminator augmentation (StyleGAN2-ADA, Karras et al. 2020): not used by the official DIGAN
+# runs (its train.py builds an AugmentPipe for `--aug=ada`, but its loss never calls it), here an option
+# for small datasets (`loss.ada_target`).
+
+
+def _rotation(theta: torch.Tensor) -> torch.Tensor:
+    c, s = theta.cos(), theta.sin()
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # [N, 2, 2]
+
+
+class AdaptiveAugment:
+    """StyleGAN2-ADA's geometric pipeline ("bg": pixel blitting, then general geometric) on frame pairs.
+
+    Each op is applied to a pair with probability `p` (the two rotations with 1 - sqrt(1 - p) each, as in
+    ADA), with one set of parameters for both frames: xflip, rotation by a multiple of 90 degrees, integer
+    translation (up to 0.125 of the side), isotropic scaling (lognormal, std 0.2 octaves), arbitrary
+    rotation, anisotropic scaling (std 0.2 octaves), fractional translation (normal, std 0.125 of the side).
+    The ops compose into one affine map per pair, applied with one bilinear `grid_sample` and reflection
+    padding (ADA filters through a 2x upsampling to reduce aliasing; this does not). Pairs that drew no op
+    are returned bit for bit, and p = 0 is the identity. Differentiable twice (R1 through it). Colour stays
+    with DiffAugment, which runs after it at p = 1.
+    """
+
+    def __init__(self, p: float = 0.0, translate_std: float = 0.125, scale_std: float = 0.2,
+                 aniso_std: float = 0.2, xfrac_std: float = 0.125):
+        self.p = float(p)
+        self.translate_std, self.scale_std, self.aniso_std, self.xfrac_std = translate_std, scale_std, aniso_std, xfrac_std
+
+    def matrices(self, n: int, size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampling maps [N, 2, 3] (output -> input, normalised coordinates) and which pairs changed [N].
+
+        A fixed number of draws whatever p is, so the random stream does not depend on p.
+        """
+        def u(*shape):
+            return torch.rand(n, *shape, device=device, generator=generator)
+
+        def gauss(*shape):
+            return torch.randn(n, *shape, device=device, generator=generator)
+
+        p, p_rot = self.p, 1 - math.sqrt(max(1 - self.p, 0.0))
+        eye = torch.eye(2, device=device).expand(n, 2, 2)
+        A, shift, changed = eye.clone(), torch.zeros(n, 2, device=device), torch.zeros(n, dtype=torch.bool, device=device)
+
+        def apply(M, on, t=None):  # A <- A @ M (and the shift) where `on`
+            nonlocal A, shift, changed
+            A = torch.where(on.view(n, 1, 1), A @ M, A)
+            if t is not None:
+                shift = torch.where(on.view(n, 1), shift + (A @ t.unsqueeze(-1)).squeeze(-1), shift)
+            changed = changed | on
+
+        on, bit = u() < p, (u() < 0.5).float()  # xflip
+        apply(torch.diag_embed(torch.stack([1 - 2 * bit, torch.ones_like(bit)], -1)), on)
+        on, k = u() < p, torch.floor(u() * 4)  # rotate by k * 90 degrees
+        apply(_rotation(k * (math.pi / 2)), on)
+        on, t = u() < p, (u(2) * 2 - 1) * self.translate_std  # integer translation (whole pixels)
+        apply(eye, on, torch.round(t * size) * 2 / size)
+        on, s = u() < p, torch.exp2(gauss() * self.scale_std)  # isotropic scaling
+        apply(torch.diag_embed(torch.stack([s, s], -1)), on)
+        on, r = u() < p_rot, (u() * 2 - 1) * math.pi  # rotation (before the anisotropic scaling)
+        apply(_rotation(r), on)
+        on, s = u() < p, torch.exp2(gauss() * self.aniso_std)  # anisotropic scaling
+        apply(torch.diag_embed(torch.stack([s, 1 / s], -1)), on)
+        on, r = u() < p_rot, (u() * 2 - 1) * math.pi  # rotation (after)
+        apply(_rotation(r), on)
+        on, t = u() < p, gauss(2) * self.xfrac_std  # fractional translation
+        apply(eye, on, t * 2)
+        return torch.cat([A, shift.unsqueeze(-1)], dim=-1), changed
+
+    def __call__(self, pair: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if pair.ndim != 5 or pair.shape[1] != 2:
+            raise ValueError(f"AdaptiveAugment expects pairs [N, 2, C, H, W], got {list(pair.shape)}")
+        if self.p <= 0:
+            return pair
+        n, _, c, h, w = pair.shape
+        theta, changed = self.matrices(n, w, generator, pair.device)
+        x = pair.flatten(1, 2)  # [N, 2C, H, W]: both frames through one map
+        grid = torch.nn.functional.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        y = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return torch.where(changed.view(n, 1, 1, 1), y, x).view(n, 2, c, h, w)
+
+    def __repr__(self) -> str:
+        return f"AdaptiveAugment(p={self.p:.4f})"
+
+
+class AdaTuner:
+    """ADA's heuristic: every `interval` steps move p by sign(r_t - target) * (batch * interval) / (kimg * 1000),
+
+    r_t = E[sign(D(real))] over those steps (the caller averages it over ranks), p kept in [0, 1]. Here r_t is
+    the mean of the two discriminators' sign means (D_M's and D_I's, each on its augmented reals).
+    """
+
+    def __init__(self, target: float, kimg: float, interval: int, batch_size: int, p: float = 0.0):
+        self.target, self.kimg, self.interval, self.batch_size = target, kimg, interval, batch_size
+        self.p = float(p)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, sign_mean: torch.Tensor | float) -> None:
+        """Add one iteration's r_t (a tensor stays on its device: no sync until `local_mean`)."""
+        self.sum = self.sum + sign_mean
+        self.count += 1
+
+    def due(self, step: int) -> bool:
+        """After iteration `step` (counted from 1) when it closes an interval."""
+        return self.target > 0 and step % self.interval == 0
+
+    def local_mean(self) -> float:
+        return float(self.sum) / max(self.count, 1)
+
+    def adjust(self, r_t: float) -> float:
+        """Step p with the (rank-averaged) r_t of the interval and start the next one; returns the new p."""
+        adjust = math.copysign(1.0, r_t - self.target) if r_t != self.target else 0.0
+        self.p = min(max(self.p + adjust * self.batch_size * self.interval / (self.kimg * 1000), 0.0), 1.0)
+        self.sum, self.count = 0.0, 0
+        return self.p
+
+    def state_dict(self) -> dict[str, float]:
+        return {"p": self.p, "sum": float(self.sum), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.p, self.sum, self.count = float(state["p"]), float(state.get("sum", 0.0)), int(state.get("count", 0))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from digan.config import LossConfig
-from digan.training.augment import DiffAugment, random_xflip
+from digan.training.augment import AdaptiveAugment, DiffAugment, random_xflip
 
 Stats = dict[str, torch.Tensor]
 
@@ -97,7 +97,8 @@ class DIGANLoss:
 
     def __init__(self, r1_gamma: float = 1.0, r1_interval: int = 16, diffaug_policy: str = "color,translation",
                  translation_ratio: float = 0.125, xflip: bool = True,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, r1_schedule: str = "separate"):
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, r1_schedule: str = "separate",
+                 ada: bool = False, ada_p: float = 0.0):
         if r1_schedule not in R1_SCHEDULES:
             raise ValueError(f"r1_schedule={r1_schedule!r}: choose {' or '.join(R1_SCHEDULES)}")
         self.r1_gamma = r1_gamma  # R1 weight: the penalty is gamma/2 * ||grad||^2
@@ -106,12 +107,16 @@ class DIGANLoss:
         # pair [N,2,3,H,W] -> pair; DiffAugment unless a caller injects its own (tests fix the randomness).
         self.augment = augment if augment is not None else DiffAugment(diffaug_policy, translation_ratio)
         self.xflip = xflip
+        # Adaptive augmentation (loss.ada_target > 0, or a fixed loss.ada_p): geometric ops at probability
+        # `self.ada.p` in front of DiffAugment; the trainer's `AdaTuner` moves p. None = off (official).
+        self.ada = AdaptiveAugment(ada_p) if ada or ada_p > 0 else None
 
     @staticmethod
     def config_kwargs(cfg: LossConfig) -> dict:
         """Constructor arguments from a `LossConfig` (also for subclasses such as the worker's)."""
         return {"r1_gamma": cfg.r1_gamma, "r1_interval": cfg.r1_interval, "diffaug_policy": cfg.diffaug_policy,
-                "translation_ratio": cfg.translation_ratio, "xflip": cfg.xflip, "r1_schedule": cfg.r1_schedule}
+                "translation_ratio": cfg.translation_ratio, "xflip": cfg.xflip, "r1_schedule": cfg.r1_schedule,
+                "ada": cfg.ada_target > 0, "ada_p": cfg.ada_p}
 
     @classmethod
     def from_config(cls, cfg: LossConfig) -> "DIGANLoss":
@@ -156,7 +161,8 @@ class DIGANLoss:
         frames_aug [2N, 3, H, W] is the exact tensor D_I saw (R1 of D_I is taken w.r.t. it).
         """
         dtype = _dtype_of(D_mot)
-        pair = self.augment(x[:, :6].unflatten(1, (2, 3)))
+        pair = x[:, :6].unflatten(1, (2, 3))
+        pair = self.augment(self.ada(pair) if self.ada is not None else pair)
         x_aug = torch.cat([pair.flatten(1, 2), x[:, 6:]], dim=1)  # the Δt plane is not augmented
         frames_aug = pair.flatten(0, 1).to(_dtype_of(D_img))
         logits_M = _fp32_up(D_mot(x_aug.to(dtype))).flatten()
@@ -198,6 +204,9 @@ class DIGANLoss:
         stats: Stats = {"loss_D": loss.detach(), "loss_D_M": loss_M.detach(), "loss_D_I": loss_I.detach(),
                         "D_M_real": real_M.detach().mean(), "D_M_fake": fake_M.detach().mean(),
                         "D_I_real": real_I.detach().mean(), "D_I_fake": fake_I.detach().mean()}
+        if self.ada is not None:  # ADA's overfitting signal r_t, the mean of both discriminators' sign means
+            stats["signs_real"] = (real_M.detach().sign().mean() + real_I.detach().sign().mean()) / 2
+            stats["ada_p"] = torch.tensor(self.ada.p)
         if do_r1:
             r1, r1_stats = self._r1(real_M, real_I, x_real, frames_aug)
             loss = loss + r1 * self.r1_interval  # lazy regularisation: scaled by how rarely it runs

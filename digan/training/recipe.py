@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from digan.config import Config
+from digan.training.augment import AdaTuner
 from digan.training.ema import EMA
 from digan.training.loss import DIGANLoss, Stats
 from digan.training.optim import PlainUpdater, Updater, build_adam, d_reg_interval
@@ -109,6 +110,23 @@ def train_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Modul
     return stats
 
 
+def build_ada_tuner(cfg: Config) -> AdaTuner:
+    return AdaTuner(cfg.loss.ada_target, cfg.loss.ada_kimg, cfg.loss.ada_interval, cfg.train.batch_size, cfg.loss.ada_p)
+
+
+def tune_ada(tuner: AdaTuner, loss: DIGANLoss, stats: Stats, step: int,
+             reduce: Callable[[float], float] = lambda r: r) -> None:
+    """ADA after iteration `step` (counted from 1): note this step's r_t; at the end of an interval move p.
+
+    `reduce` averages the interval's r_t over ranks (identity in one process), so every rank sets the same p.
+    """
+    if tuner.target <= 0 or loss.ada is None:
+        return
+    tuner.observe(stats["signs_real"])
+    if tuner.due(step):
+        loss.ada.p = tuner.adjust(reduce(tuner.local_mean()))
+
+
 def stats_to_floats(stats: Stats) -> dict[str, float]:
     """Tensors -> floats with ONE device sync (call only on logging steps)."""
     out: dict[str, float] = {}
@@ -150,6 +168,7 @@ class SingleProcessTrainer:
         self.D = DiscriminatorPair(D_img, D_mot).to(self.device).train()
         self.ema = EMA(copy.deepcopy(self.G).eval(), cfg.train.batch_size, cfg.optim.ema_kimg, cfg.optim.ema_rampup)
         self.loss = DIGANLoss.from_config(cfg.loss)
+        self.ada = build_ada_tuner(cfg)
         self.g_updater = PlainUpdater(self.G, build_adam(self.G.parameters(), cfg.optim, cfg.loss.g_reg_interval),
                                       cfg.optim.grad_clamp)
         self.d_updater = PlainUpdater(self.D, build_adam(self.D.parameters(), cfg.optim, d_reg_interval(cfg.loss)),
@@ -168,17 +187,22 @@ class SingleProcessTrainer:
                            real_pair, real_dt, self.step, self.cur_nimg)
         self.step += 1
         self.cur_nimg += real_pair.shape[0]
+        tune_ada(self.ada, self.loss, stats, self.step)
         return stats
 
     def state_dict(self) -> dict[str, Any]:
         return {"G": self.g_updater.state_dict(), "D": self.d_updater.state_dict(), "G_ema": self.ema.state_dict(),
-                "step": self.step, "cur_nimg": self.cur_nimg}
+                "step": self.step, "cur_nimg": self.cur_nimg, "ada": self.ada.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.g_updater.load_state_dict(state["G"])
         self.d_updater.load_state_dict(state["D"])
         self.ema.load_state_dict(state["G_ema"])
         self.step, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
+        if "ada" in state:
+            self.ada.load_state_dict(state["ada"])
+            if self.loss.ada is not None:
+                self.loss.ada.p = self.ada.p
 
 
 def fit(cfg: Config, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_steps: int,
