@@ -141,6 +141,7 @@ class DistConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage: 0, 1 or 2 (3 is wrong with R1's double backward)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (engine precision of G and Ds)
     max_failures: int = 2  # Ray FailureConfig: worker-group restarts before the run fails
+    worker_wait_s: float = 600.0  # workers that cannot start (lost nodes, too few CPUs/GPUs): fail after ~this; 0 = wait
     ray_address: str | None = None  # attach to this cluster (else RAY_ADDRESS, else a local cluster)
 
 
@@ -257,6 +258,7 @@ def validate(cfg: Config) -> None:
     known = ("fvd16", "fvd128", "kvd16", "kvd128", "fid")
     bad = [x for x in me.metrics if x not in known]
     need(not bad, f"metrics.metrics: unknown metric {bad[0] if bad else ''!r} (choose from {', '.join(known)})")
+    need(cfg.dist.worker_wait_s >= 0, f"dist.worker_wait_s={cfg.dist.worker_wait_s}: must be >= 0 (0 = wait forever)")
     need(me.interval_kimg > 0, f"metrics.interval_kimg={me.interval_kimg}: must be > 0")
     need(me.num_videos >= 2, f"metrics.num_videos={me.num_videos}: must be >= 2")
     need(me.protocol in ("tfhub", "digan"), f"metrics.protocol={me.protocol!r}: choose tfhub or digan")

@@ -14,6 +14,7 @@ workers to checkpoint at the next step boundary and exit; a second signal aborts
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -151,6 +152,32 @@ class LaunchError(RuntimeError):
     """A problem found on the driver before any worker starts (one line, naming the key)."""
 
 
+class RunError(RuntimeError):
+    """The run could not go on (one line that says why); its checkpoints stay where they are."""
+
+
+# Ray Train gives a worker group this long to start (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S in the
+# controller's environment, 60 s by default), then retries the start as a controller failure.
+WORKER_START_TIMEOUT_S = 60.0
+
+
+def startup_retries(worker_wait_s: float) -> int:
+    """Ray's controller_failure_limit for `dist.worker_wait_s` (Ray's default, -1, retries forever: a run whose
+    node is gone for good would sit in RUNNING, its controller logging startup timeouts)."""
+    return -1 if worker_wait_s <= 0 else max(1, math.ceil(worker_wait_s / WORKER_START_TIMEOUT_S))
+
+
+def _explain(error: BaseException, cfg: Config) -> BaseException:
+    """Ray Train's startup-timeout failure as one line; any other error as it is."""
+    cause = getattr(error, "controller_failure", None)
+    if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
+        need = f"{cfg.dist.num_workers} workers x {cfg.dist.cpus_per_worker} CPU"
+        return RunError(f"could not start {need}{' + 1 GPU' if cfg.dist.use_gpu else ''} for "
+                        f"{cfg.dist.worker_wait_s:g} s (dist.worker_wait_s): the cluster has too few free "
+                        "resources (a lost node?); the run resumes from its last checkpoint when resubmitted")
+    return error
+
+
 def check_data(cfg: Config) -> None:
     """The shards against the config, here on the driver: a wrong clip length, resolution, format or a
     missing shard fails in seconds, before Ray starts any worker (the loaders repeat the same checks)."""
@@ -217,7 +244,8 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
             storage_path=storage_fs_path,
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.dist.max_failures,
+                                         controller_failure_limit=startup_retries(cfg.dist.worker_wait_s)),
             callbacks=list(callbacks or []),
             worker_runtime_env={"env_vars": _worker_env(use_gpu)},
             # Ray Train's per-report INFO lines would drown our progress line.
@@ -262,7 +290,7 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
         for s, h in previous.items():
             signal.signal(s, h)
     if "error" in box:
-        raise box["error"]
+        raise _explain(box["error"], cfg) from None
     result = box["result"]
 
     run_fs_path = f"{storage_fs_path}/{cfg.train.run_name}"
@@ -304,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as e:
         print(f"digan.train: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"digan.train: {e}", file=sys.stderr)
+        return 1
     state = "stopped" if out.stopped else "finished"
     print(f"\n{state} after {time.time() - t0:.0f} s at step {out.step} ({out.kimg} kimg)" if out.step is not None
           else f"\n{state} after {time.time() - t0:.0f} s")

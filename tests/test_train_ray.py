@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,40 +25,17 @@ import torch
 
 from digan.config import load_config, to_dict
 from digan.distributed import checkpoint as ckpt
+from ray_nodes import VENV_BIN, base_env, start_head
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 
 # demo-32 shrunk so that a step takes well under a second on a contended 2-core machine.
 TINY = ["model.channel_max=32", "model.d_channel_max=32", "model.z_dim=64", "model.w_dim=64",
         "model.motion_z_dim=64", "model.coord_emb_size=16", "train.batch_size=8", "metrics.metrics=[]",
         "train.log_every_steps=1", "data.num_workers=0", "train.sample_kimg=1000"]
 BATCH = 8
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _http_ok(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 @dataclass
@@ -79,34 +55,13 @@ def ray_cluster(s3_server):
     import ray
 
     tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's unix sockets have a path limit
-    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
-    env = dict(os.environ, RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               DS_ACCELERATOR="cpu", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # no 30 s node drain on SIGTERM (no Serve here)
-    address = f"127.0.0.1:{gcs}"
+    env = base_env(tmp)
+    env.update(s3_server.env)
+    head, address, dashboard_url = start_head(tmp, env, num_cpus=3)
     # RAY_ADDRESS for every process of the cluster: Ray Train's placement-group cleaner queries the
     # state API without an address and fails when other Ray clusters run on the same machine.
     env["RAY_ADDRESS"] = address
-    env.update(s3_server.env)
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           "--num-cpus=3", "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-           f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}",
-           f"--object-manager-port={obj_mgr}", "--min-worker-port=0", "--max-worker-port=0",
-           "--disable-usage-stats", f"--temp-dir={tmp}"]
-    log = open(tmp / "ray-start.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
     try:
-        # Up when the dashboard answers (it starts after the GCS); polling HTTP is cheaper than `ray status`.
-        deadline = time.monotonic() + 180
-        while not _http_ok(f"http://127.0.0.1:{dash}/api/version"):
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited: {(tmp / 'ray-start.log').read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ray head did not come up: {(tmp / 'ray-start.log').read_text()[-2000:]}")
-            time.sleep(0.5)
         for k in ("RAY_AUTH_MODE", "DS_ACCELERATOR"):
             os.environ[k] = env[k]
         for attempt in range(3):  # on a heavily loaded machine the GCS can miss ray.init's first deadline
@@ -117,16 +72,10 @@ def ray_cluster(s3_server):
                 if attempt == 2:
                     raise
                 time.sleep(5)
-        yield Cluster(address, f"http://127.0.0.1:{dash}", env)
+        yield Cluster(address, dashboard_url, env)
     finally:
         ray.shutdown()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        head.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -573,7 +573,10 @@ class StreamLoader:
                 wait = self.dataset.stall_timeout_s + self.dataset.s3.retry_budget_s + 60
                 kw = dict(multiprocessing_context=self.start_method, persistent_workers=True, prefetch_factor=4,
                           timeout=wait)
+            # Its own generator: a DataLoader iterator draws a base seed, which from the global RNG would shift
+            # the training step's augmentation draws whenever an iterator starts (e.g. right after a resume).
             self._loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                                       generator=torch.Generator().manual_seed(self.dataset.seed),
                                                        **kw)
         return self._loader
 
