@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,26 @@ def test_job_survives_losing_a_node(two_nodes, tmp_path):
     for step in range(1, steps + 1):
         for key in ("loss_G", "loss_D", "D_M_real", "D_I_fake"):
             assert lost[step][key] == ref[step][key], (step, key, lost[step][key], ref[step][key])
+
+
+def test_lost_node_that_never_returns_fails_within_the_wait(two_nodes, tmp_path):
+    """The second node dies for good: Ray Train cannot place 2 workers again. Instead of retrying the worker
+    group's start forever (Ray's default), the job fails after about dist.worker_wait_s with one line that
+    says why, and its checkpoint stays for a resubmission."""
+    c = two_nodes
+    c.submit("gone", "dist.num_workers=2", f"train.storage_path={tmp_path}", "train.run_name=gone",
+             f"train.total_kimg={1000 * BATCH / 1000}", f"train.checkpoint_kimg={2 * BATCH / 1000}",
+             "dist.worker_wait_s=60", "dist.max_failures=3")
+    first = tmp_path / "gone" / ckpt.checkpoint_name(2) / ckpt.GENERATOR_FILE
+    wait_for(first.is_file, 420, "the first checkpoint")
+    kill_raylet(c.second)
+    t0 = time.monotonic()
+    status = c.wait_job("gone", 420)
+    waited = time.monotonic() - t0
+    logs = c.logs("gone")
+    assert status == "FAILED", logs[-3000:]
+    assert 60 <= waited <= 360, waited  # the node's death noticed, then ~2 startup attempts of 60 s
+    lines = [ln for ln in logs.splitlines() if ln.startswith("digan.train: ")]
+    assert len(lines) == 1 and "could not start 2 workers x 1 CPU for 60 s (dist.worker_wait_s)" in lines[0], \
+        logs[-3000:]
+    assert "Traceback" not in logs.split(lines[0])[1]  # nothing after the line
