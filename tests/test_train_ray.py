@@ -435,3 +435,84 @@ def test_train_from_s3_with_s3_storage(ray_cluster, s3_env, tmp_path):
     with s3.open(f"{run}/{ckpt.checkpoint_name(2)}/{ckpt.GENERATOR_FILE}", "rb") as f:
         export = torch.load(f, weights_only=True)
     assert export["step"] == 2 and export["config"]["data"]["source"] == s3_env.url("demo32")
+
+
+# ----------------------------------------------------------------------------------------------------
+# `ray job stop`, the way operators stop jobs: SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S.
+
+SLOW = ["dist.num_workers=1", "train.batch_size=128", "train.total_kimg=1000", "train.checkpoint_kimg=1000"]
+
+
+def _submit(cluster: Cluster, sid: str, env_vars: dict[str, str], *overrides: str) -> None:
+    runtime_env = {"excludes": [".venv", ".git", "runs", "*.egg-info", "__pycache__", ".pytest_cache"],
+                   "env_vars": {"DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled", **env_vars}}
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--no-wait", "--address", cluster.dashboard_url, "--submission-id",
+           sid, "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
+           "python", "-m", "digan.train", "--config", "demo-32", *TINY, *overrides]
+    subprocess.run(cmd, cwd=REPO, env=cluster.env, check=True, capture_output=True, timeout=120)
+
+
+def _wait_job(cluster: Cluster, sid: str, timeout: float) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard_url)
+    deadline = time.monotonic() + timeout
+    while not client.get_job_status(sid).is_terminal():
+        assert time.monotonic() < deadline, f"job {sid} still {client.get_job_status(sid)} after {timeout} s"
+        time.sleep(1)
+    return str(client.get_job_status(sid))
+
+
+def _wait_steps(run_dir: Path, n: int, timeout: float = 420) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while len(stats := read_stats(run_dir)) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} steps after {timeout} s"
+        time.sleep(0.5)
+    return stats
+
+
+def _ray_job_stop(cluster: Cluster, sid: str) -> None:
+    subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", cluster.dashboard_url, sid],
+                   env=cluster.env, check=True, capture_output=True, timeout=300)
+
+
+def test_ray_job_stop_with_the_documented_grace_checkpoints_and_resumes(ray_cluster, tmp_path):
+    """Steps longer than `ray job stop`'s default 3 s grace; with RAY_JOB_STOP_WAIT_TIME_S in the job's
+    runtime env (README) the stop writes a checkpoint at the step it reached, and a resubmission resumes
+    from it; with the default grace the time-based checkpoints bound what is lost."""
+    import pyarrow.fs as pafs
+
+    common = [*SLOW, f"train.storage_path={tmp_path}"]
+    run_dir = tmp_path / "graceful"
+    _submit(ray_cluster, "graceful", {"RAY_JOB_STOP_WAIT_TIME_S": "300"}, *common, "train.run_name=graceful")
+    stats = _wait_steps(run_dir, 2)
+    step_s = 1 / stats[-1]["it_per_s"]
+    assert step_s > 3, f"a step takes {step_s:.1f} s: not longer than the default grace"
+    _ray_job_stop(ray_cluster, "graceful")
+    assert _wait_job(ray_cluster, "graceful", 300) == "STOPPED"
+    saved = [s for s, _ in ckpt.list_checkpoints(pafs.LocalFileSystem(), str(run_dir))]
+    last = max(s["step"] for s in read_stats(run_dir))
+    assert saved == [last], (saved, last)  # the checkpoint of the stop, at the last step taken
+    assert train_state(run_dir / ckpt.checkpoint_name(last))["stopped_by_signal"]
+
+    _submit(ray_cluster, "graceful-2", {}, *SLOW[:-2], f"train.storage_path={tmp_path}", "train.run_name=graceful",
+            f"train.total_kimg={(last + 1) * 128 / 1000}", "train.checkpoint_kimg=1000")
+    assert _wait_job(ray_cluster, "graceful-2", 420) == "SUCCEEDED"
+    state = train_state(run_dir / ckpt.checkpoint_name(last + 1))
+    assert state["resumed_from"] == [last] and state["step"] == last + 1
+
+    # The default grace (3 s): SIGKILL before the step in flight ends; the time-based checkpoint bounds the loss.
+    run_dir = tmp_path / "default"
+    _submit(ray_cluster, "default", {}, *common, "train.run_name=default", "train.checkpoint_minutes=0.1")
+    deadline = time.monotonic() + 420
+    while not ckpt.list_checkpoints(pafs.LocalFileSystem(), str(run_dir)):
+        assert time.monotonic() < deadline, "no time-based checkpoint"
+        time.sleep(0.5)
+    _wait_steps(run_dir, max(s["step"] for s in read_stats(run_dir)) + 1)
+    _ray_job_stop(ray_cluster, "default")
+    assert _wait_job(ray_cluster, "default", 300) == "STOPPED"
+    stats = read_stats(run_dir)
+    latest = max(s for s, _ in ckpt.list_checkpoints(pafs.LocalFileSystem(), str(run_dir)))
+    lost = [s for s in stats if s["step"] > latest]
+    step_s = 1 / stats[-1]["it_per_s"]
+    assert sum(1 / s["it_per_s"] for s in lost) <= 6 + 2 * step_s, (latest, [s["step"] for s in stats])

@@ -298,7 +298,7 @@ class RunLogger:
             if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):  # strings: jsonl only
                 self.tb.add_scalar(k, v, global_step=step)
         self.tb.flush()
-        order = ["loss_G", "loss_D", "r1", "D_M_real", "D_M_fake", "D_I_real", "D_I_fake"]
+        order = ["loss_G", "loss_D", "r1", "D_M_real", "D_M_fake", "D_I_real", "D_I_fake", "ada_p", "signs_real"]
         extra = " ".join(f"{k} {metrics[k]:.4g}" for k in order if k in metrics)
         metric_str = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("fvd", "kvd", "fid",
                                                                                              "proxy_")))
