@@ -182,14 +182,22 @@ def test_dry_run_prints_config_and_plan_without_ray():
     assert load_config("demo-32").dist.num_workers == 2  # the default run is the 2-worker demo
 
 
-def test_resume_rule_for_worker_count_changes():
-    """ZeRO-1/2 checkpoints resume only on the worker count that wrote them (one clear line otherwise)."""
+def test_resume_rule_for_worker_count_changes(tmp_path):
+    """ZeRO-0 checkpoints resume on any worker count; ZeRO-1/2 ones on another count only at the same stage and
+    with the whole optimizer state saved beside DeepSpeed's files (one clear line otherwise)."""
     zero1 = to_dict(load_config("demo-32", ["dist.num_workers=2", "dist.zero_stage=1"]))
-    with pytest.raises(ckpt.ResumeError, match=r"2 worker\(s\) with ZeRO-1 .* resume with dist.num_workers=2"):
-        ckpt.check_resumable(zero1, zero_stage=1, world_size=1)
-    ckpt.check_resumable(zero1, zero_stage=1, world_size=2)  # the same count resumes
+    with pytest.raises(ckpt.ResumeError, match=r"2 worker\(s\) with ZeRO-1 .*no whole optimizer state.* "
+                                               r"dist.num_workers=2"):
+        ckpt.check_resumable(zero1, zero_stage=1, world_size=1, directory=str(tmp_path))
+    assert ckpt.check_resumable(zero1, zero_stage=1, world_size=2) == 2  # the same count resumes
+    for d in (ckpt.G_DIR, ckpt.D_DIR):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / ckpt.FULL_OPTIMIZER_FILE).write_bytes(b"x")
+    assert ckpt.check_resumable(zero1, zero_stage=1, world_size=3, directory=str(tmp_path)) == 2
+    with pytest.raises(ckpt.ResumeError, match="from ZeRO-1 to ZeRO-2"):
+        ckpt.check_resumable(zero1, zero_stage=2, world_size=3, directory=str(tmp_path))
     zero0 = to_dict(load_config("demo-32", ["dist.num_workers=2", "dist.zero_stage=0"]))
-    ckpt.check_resumable(zero0, zero_stage=0, world_size=1)  # ZeRO-0 resumes on any count
+    assert ckpt.check_resumable(zero0, zero_stage=0, world_size=1) == 2  # ZeRO-0 resumes on any count
     with pytest.raises(ckpt.ResumeError, match="dist.num_workers=2"):
         ckpt.check_resumable(zero0, zero_stage=2, world_size=4)
 

@@ -38,6 +38,7 @@ CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 TRAIN_STATE_FILE = "train_state.pt"
 GENERATOR_FILE = "generator.pt"  # same name as digan.models.GENERATOR_FILE
 G_DIR, D_DIR = "G", "D"
+FULL_OPTIMIZER_FILE = "optimizer_full.pt"  # ZeRO-1/2: the whole optimizer state, for another worker count
 DS_TAG = "state"
 
 
@@ -152,20 +153,27 @@ class ResumeError(ValueError):
     """A checkpoint that cannot be resumed with the current settings (the message says what to change)."""
 
 
-def check_resumable(saved_config: dict, zero_stage: int, world_size: int) -> None:
-    """Fail in one line when a checkpoint cannot be resumed on `world_size` workers.
+def check_resumable(saved_config: dict, zero_stage: int, world_size: int, directory: str | None = None) -> int:
+    """The checkpoint's worker count, after checking that it can resume on `world_size` workers (else one line).
 
-    ZeRO-1/2 partition Adam's state over the data-parallel ranks, and DeepSpeed cannot repartition it
-    for another count (it raises deep inside the engine, on every retry). ZeRO-0 checkpoints hold the
-    whole state and resume on any number of workers (with fresh per-rank data/RNG streams).
+    ZeRO-0 checkpoints hold the whole state and resume on any number of workers. ZeRO-1/2 partition Adam's
+    state over the data-parallel ranks and DeepSpeed cannot repartition it, so their checkpoints also carry
+    the whole optimizer state (FULL_OPTIMIZER_FILE), which resumes them on another count at the same stage.
     """
     saved = saved_config.get("dist", {})
     saved_workers, saved_stage = int(saved.get("num_workers", world_size)), int(saved.get("zero_stage", 0))
-    if world_size != saved_workers and max(saved_stage, zero_stage) > 0:
+    if world_size == saved_workers or max(saved_stage, zero_stage) == 0:
+        return saved_workers
+    full = directory is not None and all(os.path.exists(os.path.join(directory, d, FULL_OPTIMIZER_FILE))
+                                         for d in (G_DIR, D_DIR))
+    if saved_stage != zero_stage or not full:
+        why = (f"from ZeRO-{saved_stage} to ZeRO-{zero_stage}" if saved_stage != zero_stage
+               else "and it has no whole optimizer state (written by an older version)")
         raise ResumeError(
             f"the checkpoint was written by {saved_workers} worker(s) with ZeRO-{saved_stage} and this run has "
-            f"{world_size} with ZeRO-{zero_stage}: ZeRO-1/2 optimizer state is split per worker, so resume with "
-            f"dist.num_workers={saved_workers} (ZeRO-0 checkpoints resume on any worker count)")
+            f"{world_size} with ZeRO-{zero_stage}: cannot change the worker count {why}; resume with "
+            f"dist.num_workers={saved_workers} and dist.zero_stage={saved_stage}")
+    return saved_workers
 
 
 def find_latest(fs, run_fs_path: str) -> str | None:

@@ -65,6 +65,13 @@ def initialize_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return engine
 
 
+def _link_optimizer_state(zero) -> None:
+    """Point every parameter's fragment mapping at Adam's current state (DeepSpeed does it lazily, after the
+    first step that follows engine creation or a checkpoint load)."""
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
 class DeepSpeedUpdater:
     """The recipe's `Updater` on a DeepSpeed engine: one `engine.backward` and one `engine.step` per phase.
 
@@ -122,3 +129,56 @@ class DeepSpeedUpdater:
                                               load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {tag!r} in {directory}")
+
+    # ZeRO-1/2 split the fp32 master weights and Adam's moments over the ranks, and DeepSpeed refuses to load
+    # its files on another number of ranks. So checkpoints also carry the whole optimizer state, gathered
+    # with DeepSpeed's tensor-fragment API (`full_optimizer_state`), and a run on another worker count loads
+    # the module weights from DeepSpeed's files and everything else from it (`load_full_optimizer_state`).
+    ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+    def full_optimizer_state(self) -> dict[str, Any] | None:
+        """Every parameter's fp32 master value and Adam moments, whole (collective: call on every rank; the
+        same dict on each), and Adam's step count. None without ZeRO (DeepSpeed's files hold it all then)."""
+        if not self.engine.zero_optimization():
+            return None
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        zero = self.engine.optimizer
+        base = zero.optimizer
+        steps = {float(st["step"]) for st in base.state.values() if "step" in st}
+        if len(steps) != 1:
+            raise RuntimeError(f"Adam's step counts differ across parameter groups: {sorted(steps)}")
+        _link_optimizer_state(zero)
+        params = {}
+        for name, p in self.engine.module.named_parameters():
+            params[name] = {"param": safe_get_full_fp32_param(p).detach().cpu()}
+            for key in self.ADAM_KEYS:
+                params[name][key] = safe_get_full_optimizer_state(p, key).detach().cpu()
+        return {"params": params, "step": steps.pop()}
+
+    def load_full_optimizer_state(self, directory: str, tag: str, full: dict[str, Any]) -> None:
+        """Resume on another number of ranks: module weights from DeepSpeed's files, this rank's part of the
+        fp32 master weights and Adam's moments from `full` (see `full_optimizer_state`)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        path, _ = self.engine.load_checkpoint(directory, tag=tag, load_module_only=True, load_optimizer_states=False,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {tag!r} in {directory}")
+        zero = self.engine.optimizer
+        base = zero.optimizer
+        # Adam creates its state at its first step; make it now (same layout: this rank's flat partitions) so
+        # that DeepSpeed can map every parameter's fragment onto it, then fill it.
+        for group in base.param_groups:
+            for flat in group["params"]:
+                base.state[flat] = {"step": torch.tensor(float(full["step"])), "exp_avg": torch.zeros_like(flat),
+                                    "exp_avg_sq": torch.zeros_like(flat)}
+        _link_optimizer_state(zero)
+        names = dict(self.engine.module.named_parameters())
+        if set(names) != set(full["params"]):
+            raise RuntimeError("the checkpoint's optimizer state is for another model")
+        for name, p in names.items():
+            saved = full["params"][name]
+            safe_set_full_fp32_param(p, saved["param"].to(p.device))
+            for key in self.ADAM_KEYS:
+                safe_set_full_optimizer_state(p, saved[key].to(p.device), key)

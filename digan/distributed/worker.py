@@ -180,13 +180,25 @@ class GANRuntime:
 
     # -- checkpoint parts (collective: every rank calls) --------------------------------------------
 
-    def save_engines(self, directory: str) -> None:
-        self.g.save_checkpoint(os.path.join(directory, ckpt.G_DIR), tag=ckpt.DS_TAG)
-        self.d.save_checkpoint(os.path.join(directory, ckpt.D_DIR), tag=ckpt.DS_TAG)
+    def _engines(self, directory: str) -> list[tuple[DeepSpeedUpdater, str]]:
+        return [(self.g, os.path.join(directory, ckpt.G_DIR)), (self.d, os.path.join(directory, ckpt.D_DIR))]
 
-    def load_engines(self, directory: str) -> None:
-        self.g.load_checkpoint(os.path.join(directory, ckpt.G_DIR), tag=ckpt.DS_TAG)
-        self.d.load_checkpoint(os.path.join(directory, ckpt.D_DIR), tag=ckpt.DS_TAG)
+    def save_engines(self, directory: str) -> None:
+        """DeepSpeed's files of both engines and, under ZeRO-1/2, their whole optimizer state (rank 0 writes it),
+        which lets the checkpoint resume on another worker count."""
+        for updater, path in self._engines(directory):
+            updater.save_checkpoint(path, tag=ckpt.DS_TAG)
+            full = updater.full_optimizer_state()  # collective
+            if full is not None and self.rank == 0:
+                ckpt.atomic_torch_save(full, os.path.join(path, ckpt.FULL_OPTIMIZER_FILE))
+
+    def load_engines(self, directory: str, same_world: bool = True) -> None:
+        for updater, path in self._engines(directory):
+            if same_world or not self.g.engine.zero_optimization():
+                updater.load_checkpoint(path, tag=ckpt.DS_TAG)
+            else:  # ZeRO-1/2 on another worker count
+                full = ckpt.load_weights_only(os.path.join(path, ckpt.FULL_OPTIMIZER_FILE))
+                updater.load_full_optimizer_state(path, ckpt.DS_TAG, full)
 
 
 def _skip_shm_comm_build(device: torch.device) -> None:
@@ -637,8 +649,8 @@ def _save_checkpoint(cfg: Config, rt: GANRuntime, state: TrainState, loader, log
 def _restore(directory: str, rt: GANRuntime, state: TrainState, loader, rank: int, world_size: int) -> None:
     """Load engines (collective), counters + G_ema, and this rank's loader/RNG state when the world matches."""
     train_state = ckpt.load_weights_only(os.path.join(directory, ckpt.TRAIN_STATE_FILE))
-    ckpt.check_resumable(train_state["config"], rt.cfg.dist.zero_stage, world_size)
-    rt.load_engines(directory)
+    saved_world = ckpt.check_resumable(train_state["config"], rt.cfg.dist.zero_stage, world_size, directory)
+    rt.load_engines(directory, same_world=saved_world == world_size)
     state.load_state_dict(train_state)
     rt.ema.load_state_dict(train_state["G_ema"])
     rt.set_ada({"p": float(train_state.get("ada_p", rt.cfg.loss.ada_p))})  # the same p on every rank
