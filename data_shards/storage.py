@@ -81,9 +81,6 @@ class Destination:
             raise S3AccessDenied(f"{self.url}: no usable S3 credentials ({e}); set AWS_ACCESS_KEY_ID/"
                                  "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or --s3-profile") from None
 
-    def child_url(self, name: str) -> str:
-        return f"{self.url}/{name}" if self.is_s3 else str(self.root / name)
-
     def exists(self, name: str) -> bool:
         if self.is_s3:
             with self._fs() as fs:

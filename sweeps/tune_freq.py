@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -276,7 +275,6 @@ def main(argv=None) -> int:
     from digan.train import quiet_ray_false_alarms
 
     quiet_ray_false_alarms()  # before ray is imported here
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch

@@ -15,22 +15,8 @@ import torch
 import torch.distributed as dist
 
 
-def world_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_rank0() -> bool:
-    return world_rank() == 0
-
-
-def print0(*args: Any, **kwargs: Any) -> None:
-    """print() on rank 0 only, flushed (worker stdout is forwarded by Ray line by line)."""
-    if is_rank0():
-        print(*args, **kwargs, flush=True)
 
 
 def comm_device() -> torch.device:
@@ -76,15 +62,6 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
     t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return tuple(bool(v) for v in t.tolist())
-
-
-def broadcast_floats(values: dict[str, float], keys: list[str], src: int = 0) -> dict[str, float]:
-    """Rank `src`'s values for `keys` on every rank (others may pass {}); missing keys become NaN on src."""
-    if world_size() == 1:
-        return {k: float(values.get(k, float("nan"))) for k in keys}
-    t = torch.tensor([float(values.get(k, float("nan"))) for k in keys], dtype=torch.float64, device=comm_device())
-    dist.broadcast(t, src=src)
-    return dict(zip(keys, t.tolist()))
 
 
 # ----------------------------------------------------------------------------------------------------

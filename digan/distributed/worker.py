@@ -497,7 +497,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if keys_log is not None:  # which clips each step saw, per rank (an audit; local storage only)
                 keys_log.write(json.dumps({"step": state.step, "epoch": loader.epoch,
                                            "restarts": len(state.resumed_from), "keys": loader.last_keys}) + "\n")
-            window.add(stats, t_data, time.perf_counter() - t0)
+            window.add(stats, t_data)
 
             # Rank 0's wall clock decides time-based checkpoints (shared with the stop flag's all-reduce).
             minutes = cfg.train.checkpoint_minutes
@@ -550,7 +550,7 @@ class _Window:
         self.counts: dict[str, int] = {}
         self.steps, self.t_data, self.t0, self.cpu0 = 0, 0.0, time.perf_counter(), time.process_time()
 
-    def add(self, stats: dict[str, torch.Tensor], t_data: float, _t_step: float) -> None:
+    def add(self, stats: dict[str, torch.Tensor], t_data: float) -> None:
         for k, v in stats.items():
             v = v.detach().float().reshape(())
             self.sums[k] = self.sums[k] + v if k in self.sums else v

@@ -28,7 +28,6 @@ import functools
 import importlib.util
 import math
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -227,14 +226,3 @@ def clips_to_frames(clips: torch.Tensor, frames_per_clip: int | None) -> torch.T
         idx = torch.linspace(0, t - 1, frames_per_clip).round().long()
         clips = clips[:, idx]
     return clips.reshape(-1, *clips.shape[2:])
-
-
-def iterate_batches(x: Iterable, n: int) -> Iterable:
-    """Yield batches from `x` until `n` rows were produced (the last one trimmed)."""
-    seen = 0
-    for batch in x:
-        if seen >= n:
-            break
-        batch = batch[: n - seen]
-        seen += len(batch)
-        yield batch

@@ -56,7 +56,6 @@ import argparse
 import base64
 import copy
 import json
-import os
 import pickle
 import subprocess
 import sys
