@@ -277,6 +277,63 @@ def test_zero2_checkpoint_resumes_on_another_worker_count(ray_cluster, tmp_path)
         assert diff.max() <= 1e-3 and (diff > 2e-6).sum() <= max(3, diff.numel() // 50), (k, float(diff.max()))
 
 
+PINNED_RAY = REPO / "tests" / "golden" / "pinned_steps_ray2.json"
+
+
+def _pin_loop(config: dict) -> None:
+    """4 steps of the distributed runtime (DeepSpeed ZeRO-0, augmentation on) on fixed global batches."""
+    import ray.train
+    import ray.train.torch
+
+    from digan.config import from_dict
+    from digan.distributed.utils import dist_mean
+    from digan.distributed.worker import GANRuntime
+
+    torch.set_num_threads(1)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rt = GANRuntime(from_dict(config["config"]), rank, world, ray.train.torch.get_device())
+    g = torch.Generator().manual_seed(1234)
+    steps = []
+    for _ in range(4):
+        pair, dt = torch.rand(BATCH, 2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(BATCH, generator=g)
+        ids = rt.local_sample_ids()
+        stats = rt.train_step(pair[ids], dt[ids])
+        steps.append(dist_mean({k: float(stats[k]) for k in ("loss_G", "loss_D", "D_M_real", "D_I_fake")}))
+    sums = {}
+    for name, net in (("G", rt.G), ("D", rt.D), ("G_ema", rt.G_ema)):
+        flat = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+        sums[name] = {"sum": float(flat.sum()), "sum_sq": float(flat.square().sum())}
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps({"steps": steps, "checksums": sums}, indent=1) + "\n")
+    ray.train.report({"done": 1})
+
+
+def test_two_worker_steps_match_the_pinned_numbers(ray_cluster, tmp_path):
+    """The 2-worker counterpart of tests/test_pinned_steps.py (losses and checksums of 4 steps of the real
+    runtime: DeepSpeed engines, keyed latents, per-rank augmentation streams). DIGAN_WRITE_PINNED=1 rewrites
+    the golden file, only when a change means to change the numbers."""
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    out = tmp_path / "pinned.json"
+    TorchTrainer(_pin_loop, train_loop_config={"config": to_dict(tiny_config("dist.num_workers=2")), "out": str(out)},
+                 scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+                 run_config=RunConfig(name="pin", storage_path=str(tmp_path / "ray"),
+                                      worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu",
+                                                                       "RAY_AUTH_MODE": "disabled"}})).fit()
+    got = json.loads(out.read_text())
+    if os.environ.get("DIGAN_WRITE_PINNED") == "1":
+        PINNED_RAY.write_text(out.read_text())
+    pinned = json.loads(PINNED_RAY.read_text())
+    for a, b in zip(got["steps"], pinned["steps"], strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    for net, sums in pinned["checksums"].items():
+        assert got["checksums"][net] == pytest.approx(sums, rel=1e-6, abs=1e-6), net
+
+
 # ----------------------------------------------------------------------------------------------------
 # A worker killed mid-run: Ray restarts the group from the last checkpoint and the run reaches its target.
 
