@@ -27,10 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from digan.config import load_config  # noqa: E402
-from digan.generate import render_chunks, seed_latents, time_stamps  # noqa: E402
 from digan.malloc import configure_malloc  # noqa: E402
 from digan.models import build_generator  # noqa: E402
-from digan.video_io import to_uint8  # noqa: E402
+from digan.sampling import render_chunks, seed_latents, time_stamps, to_uint8  # noqa: E402
 
 
 def run_row(preset: str, num_frames: int, num_videos: int, max_frames: int, device: torch.device) -> dict:

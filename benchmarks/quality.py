@@ -118,12 +118,10 @@ def fake_features(G, det, n: int, seed: int, clip_frames: int) -> np.ndarray:
 
 def grid(G, seeds: list[int], frames: int, clip_frames: int) -> np.ndarray:
     """uint8 [len(seeds)*H, frames*W, 3]: each row one video at t = 0 .. 1, frames evenly spaced."""
-    from digan.metrics import render_videos
-    from digan.metrics.compute import video_codes
+    from digan.sampling import sample_videos
     from digan.video_io import frame_grid
 
-    z, zm = video_codes(G, max(seeds) + 1, 0)
-    vids = render_videos(G, z[seeds], zm[seeds], clip_frames, clip_frames)  # [V, T, H, W, 3]
+    vids = sample_videos(G, seeds, clip_frames, clip_frames)  # [V, T, H, W, 3]: the videos generate renders
     pick = np.linspace(0, clip_frames - 1, frames).round().astype(int)
     frames_ = vids[:, pick].reshape(-1, *vids.shape[2:])
     scale = max(1, 64 // frames_.shape[1])  # nearest-neighbour upscale so that 32 px frames can be seen

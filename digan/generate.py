@@ -7,9 +7,10 @@
     python -m digan.generate --checkpoint ... --seeds 3 --motion-seeds 0-3                # one content, 4 motions
     python -m digan.generate --config demo-32 --seeds 0-3 --format mp4,gif,png           # untrained model (smoke)
 
-Seeds -> latents (reproducible on any device): seed s seeds a CPU `torch.Generator`; z_I is its first
-`z_dim` normal draws and z_M the next `motion_z_dim` draws. With `--motion-seeds m1,m2,..`, z_I comes from
-the content seed and z_M from the second draw of motion seed m's stream, so (s, m=s) is the default video.
+Seeds -> latents -> frames go through `digan.sampling`, as in `digan.evaluate` and the training samples, so
+seed s is the same video in all three: seed s seeds a CPU `torch.Generator`; z_I is its first `z_dim` normal
+draws and z_M the next `motion_z_dim` draws. With `--motion-seeds m1,m2,..`, z_I comes from the content seed
+and z_M from the second draw of motion seed m's stream, so (s, m=s) is the default video.
 
 Time stamps: t = linspace(t_start, t_end, num_frames). Training sees t in [0, 1] (16-frame clips are
 t_k = k/15); more frames over the same range interpolate (slow motion), a range past 1 extrapolates.
@@ -26,7 +27,6 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from digan.config import Config, ConfigError, HelpFormatter, add_config_args, config_from_args, dump_yaml
 from digan.malloc import configure_malloc
-from digan.models import Generator, build_generator, load_generator, read_generator_export
-from digan.video_io import Mp4Writer, frame_grid, to_uint8, write_gif, write_png
+from digan.models import build_generator, load_generator, read_generator_export
+from digan.sampling import render_chunks, seed_latents, time_stamps, to_uint8
+from digan.video_io import Mp4Writer, frame_grid, write_gif, write_png
 
 FORMATS = ("mp4", "gif", "png")
 
@@ -60,46 +61,6 @@ def parse_seeds(text: str) -> list[int]:
             raise ArgumentError(f"seed range {part.strip()!r} is empty (end < start)")
         seeds.extend(range(lo, hi + 1))
     return seeds
-
-
-def seed_latents(seeds: list[int], z_dim: int, motion_z_dim: int,
-                 motion_seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic (z_I [N, z_dim], z_M [N, motion_z_dim]) on the CPU for content seeds (and motion seeds).
-
-    Stream of seed s: `torch.Generator().manual_seed(s)`; z_I = first z_dim N(0, 1) draws, z_M = the next
-    motion_z_dim draws of the motion seed's stream (the content seed's own stream by default).
-    """
-    motion_seeds = seeds if motion_seeds is None else motion_seeds
-    if len(motion_seeds) != len(seeds):
-        raise ValueError("seeds and motion_seeds must have the same length")
-    zs, zms = [], []
-    for s, m in zip(seeds, motion_seeds):
-        zs.append(torch.randn(z_dim, generator=torch.Generator().manual_seed(s)))
-        g = torch.Generator().manual_seed(m)
-        torch.randn(z_dim, generator=g)  # skip the stream's content part
-        zms.append(torch.randn(motion_z_dim, generator=g))
-    return torch.stack(zs), torch.stack(zms)
-
-
-def time_stamps(num_frames: int, t_start: float = 0.0, t_end: float = 1.0) -> torch.Tensor:
-    """t = linspace(t_start, t_end, num_frames) [T] (float32); one frame renders t_start."""
-    return torch.linspace(t_start, t_end, num_frames, dtype=torch.float64).to(torch.float32)
-
-
-@torch.no_grad()
-def render_chunks(G: Generator, z: torch.Tensor, z_motion: torch.Tensor, t: torch.Tensor, scale: int = 1,
-                  chunk_frames: int = 16, truncation_psi: float = 1.0) -> Iterator[tuple[int, torch.Tensor]]:
-    """Render B videos at times t [T] (shared) or [B, T] in chunks of at most `chunk_frames` frames each.
-
-    Yields (first frame index, frames [B, Tc, 3, H*scale, W*scale]). The INR weights are prepared once.
-    """
-    device = next(G.parameters()).device
-    code = G.prepare(z.to(device), z_motion.to(device), truncation_psi=truncation_psi)
-    t = t.to(device)
-    if t.dim() == 1:
-        t = t.unsqueeze(0).expand(z.shape[0], -1)
-    for start in range(0, t.shape[1], chunk_frames):
-        yield start, G.render(code, t[:, start: start + chunk_frames], scale)
 
 
 # ----------------------------------------------------------------------------------------------------

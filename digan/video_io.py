@@ -1,8 +1,7 @@
 """Writing (and reading back) generated videos: MP4 via PyAV, GIF via Pillow, PNG frame grids.
 
-Frames are uint8 [T, H, W, 3] (numpy arrays or CPU tensors). `to_uint8` converts generator output
-(float [..., 3, H, W] in about [-1, 1]) with the StyleGAN2 / official DIGAN convention
-`clamp(x * 127.5 + 128, 0, 255)`, truncated to integers.
+Frames are uint8 [T, H, W, 3] (numpy arrays or CPU tensors); `digan.sampling.to_uint8` makes them from
+generator output.
 
 `Mp4Writer` streams: each `write(chunk)` encodes the chunk immediately, so a long video is never held in
 memory. GIF and PNG need all frames at once (Pillow writes a GIF in one call), so their callers keep the
@@ -21,12 +20,6 @@ import av
 import numpy as np
 import torch
 from PIL import Image
-
-
-def to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """Float frames [..., 3, H, W] in about [-1, 1] -> uint8 [..., H, W, 3] on the CPU."""
-    x = (frames.detach().to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return x.movedim(-3, -1).cpu().contiguous()
 
 
 def _as_numpy(frames) -> np.ndarray:

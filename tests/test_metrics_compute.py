@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from digan.config import load_config
-from digan.metrics import compute_metrics, parse_metric, quantize_frames
-from digan.metrics.compute import iterate_fake_videos, render_videos
+from digan.metrics import compute_metrics, parse_metric
+from digan.metrics.compute import iterate_fake_videos
+from digan.sampling import render_videos, to_uint8
 from digan.models import build_generator
 
 
@@ -77,7 +78,7 @@ def test_long_videos_render_in_chunks_at_the_training_frame_rate(G):
     assert long.shape == (2, 40, 32, 32, 3)
     with torch.no_grad():
         t = torch.arange(40.0).expand(2, 40) / 15.0  # frame k at t = k / (16 - 1)
-        ref = quantize_frames(G(z, zm, t))
+        ref = to_uint8(G(z, zm, t))
     assert (long.int() - ref.int()).abs().max() <= 1
     short = render_videos(G, z, zm, num_frames=16)  # t = linspace(0, 1, 16): a training clip's span
     assert (short.int() - long[:, :16].int()).abs().max() <= 1
@@ -85,7 +86,7 @@ def test_long_videos_render_in_chunks_at_the_training_frame_rate(G):
 
 def test_quantize_like_digan():
     x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).reshape(1, 1, 1, 1, 6).expand(1, 1, 3, 1, 6)
-    q = quantize_frames(x)  # ((x + 1) / 2 * 255).type(uint8): truncation after the clamp
+    q = to_uint8(x)  # ((x + 1) / 2 * 255).type(uint8): truncation after the clamp
     assert q.shape == (1, 1, 1, 6, 3)
     assert q[0, 0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]
 

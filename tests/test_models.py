@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from digan.config import load_config
-from digan.generate import render_chunks, seed_latents
+from digan.sampling import render_chunks, seed_latents
 from digan.models import (build_discriminators, build_generator, find_generator_file, load_generator,
                           motion_input, save_generator)
 from digan.models.layers import Conv2dLayer, _use_winograd, conv3x3_winograd, fir_filter, fir_filter_2d

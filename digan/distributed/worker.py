@@ -323,27 +323,20 @@ class RunLogger:
 
     @torch.no_grad()
     def write_samples(self, G_ema: torch.nn.Module, step: int) -> Path | None:
-        """A grid of `train.num_sample_videos` videos (fixed codes from train.seed) as samples/step-N.mp4."""
+        """A grid of `train.num_sample_videos` videos (seeds train.seed, train.seed + 1, ...: the videos
+        `digan.generate` renders for those seeds) as samples/step-N.mp4 and in TensorBoard."""
         if not self.enabled:
             return None
-        from data_shards.records import encode_mp4
-        from digan.metrics import render_videos
-        from digan.metrics.compute import video_codes
-        from digan.video_io import tensorboard_video
+        from digan.sampling import sample_videos, video_seeds
+        from digan.video_io import tensorboard_video, video_grid, write_mp4
 
-        n, num_frames = self.cfg.train.num_sample_videos, self.cfg.data.num_frames
-        z, z_M = video_codes(G_ema, n, self.cfg.train.seed)
-        videos = render_videos(G_ema, z, z_M, num_frames, clip_frames=num_frames).cpu()  # [N,T,H,W,3] uint8
-        cols = math.ceil(math.sqrt(n))
-        rows = math.ceil(n / cols)
-        _, t, h, w, c = videos.shape
-        grid = torch.zeros(rows * cols, t, h, w, c, dtype=torch.uint8)
-        grid[:n] = videos
-        grid = grid.view(rows, cols, t, h, w, c).permute(2, 0, 3, 1, 4, 5).reshape(t, rows * h, cols * w, c)
+        seeds = video_seeds(self.cfg.train.seed, self.cfg.train.num_sample_videos)
+        num_frames = self.cfg.data.num_frames
+        grid = video_grid(sample_videos(G_ema, seeds, num_frames, clip_frames=num_frames))  # [T, H', W', 3]
         path = self.dir / "samples" / f"{ckpt.checkpoint_name(step)}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(encode_mp4(grid.numpy(), fps=8))
+        tmp = path.with_name(f".{path.stem}.tmp.mp4")
+        write_mp4(tmp, grid, fps=8)
         os.replace(tmp, path)
         tensorboard_video(self.tb, "samples", grid, step, fps=8)  # watch progress in TensorBoard's Images tab
         self.tb.flush()

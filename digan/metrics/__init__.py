@@ -7,7 +7,7 @@
 Detector "proxy" (a fixed-seed random 3D CNN, for CPU runs and CI) returns keys "proxy_fvd16", ...
 """
 
-from .compute import compute_metrics, iterate_fake_videos, parse_metric, quantize_frames, render_videos
+from .compute import compute_metrics, iterate_fake_videos, parse_metric
 from .detectors import (DETECTORS, PROTOCOLS, FrameDetector, VideoDetector, build_frame_detector,
                         build_video_detector, preprocess_clips)
 from .distances import (FeatureStats, frechet_distance, frechet_distance_from_features, inception_score,
@@ -15,7 +15,7 @@ from .distances import (FeatureStats, frechet_distance, frechet_distance_from_fe
 from .i3d import I3DWeightsError, InceptionI3d, load_i3d
 
 __all__ = [
-    "compute_metrics", "iterate_fake_videos", "parse_metric", "quantize_frames", "render_videos",
+    "compute_metrics", "iterate_fake_videos", "parse_metric",
     "DETECTORS", "PROTOCOLS", "FrameDetector", "VideoDetector", "build_frame_detector", "build_video_detector",
     "preprocess_clips", "FeatureStats", "frechet_distance", "frechet_distance_from_features", "inception_score",
     "kernel_distance", "mmd2_unbiased", "precision_recall", "I3DWeightsError", "InceptionI3d", "load_i3d",

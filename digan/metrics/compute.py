@@ -1,10 +1,10 @@
 """Metrics of a generator against real clips: `compute_metrics` (training and `digan.evaluate`).
 
 Protocol (DIGAN `src/scripts/compute_fvd_kvd.py`, §6 of the reference):
-* fake videos: z_I, z_M ~ N(0, I) from a seeded generator (video i always gets the same codes, whatever
-  the batch size or number of ranks), frames rendered at t_k = k / (clip_frames - 1), so a 16-frame
-  video is t = linspace(0, 1, 16), the span of a training clip, and a 128-frame video continues at the
-  same frame rate (extrapolation in time, as for long-video FVD); clamp to [-1, 1], quantised to uint8
+* fake videos: the videos of seeds seed, seed + 1, ... (`digan.sampling`: the same videos `digan.generate`
+  renders for those seeds, whatever the batch size or number of ranks), frames at t_k = k / (clip_frames - 1),
+  so a 16-frame video is t = linspace(0, 1, 16), the span of a training clip, and a 128-frame video continues
+  at the same frame rate (extrapolation in time, as for long-video FVD); clamp to [-1, 1], quantised to uint8
   as DIGAN does: `((x + 1) / 2 * 255).type(uint8)` (truncation);
 * real videos: uint8 clips from the data pipeline, the first `T` frames of each;
 * features: `detectors.py` (protocol `tfhub` or `digan`); FVD = Fréchet distance of the logits,
@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+
+from digan.sampling import sample_videos, video_seeds
 
 from .detectors import FrameDetector, VideoDetector, as_uint8_tensor, build_frame_detector, build_video_detector, \
     clips_to_frames
@@ -53,46 +55,12 @@ def parse_metric(name: str) -> tuple[str, int]:
 # Fake videos.
 
 
-def quantize_frames(x: torch.Tensor) -> torch.Tensor:
-    """Generator output [B, T, 3, H, W] in ~[-1, 1] -> uint8 [B, T, H, W, 3] (DIGAN: clamp, truncate)."""
-    x = (x.clamp(-1, 1) + 1.0) / 2.0 * 255.0
-    return x.to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
-
-
-def video_codes(G: torch.nn.Module, num_videos: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """z_I [N, z_dim] and z_M [N, motion_z_dim] for videos 0..N-1, from a private CPU generator."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.randn(num_videos, G.z_dim, generator=gen)
-    z_motion = torch.randn(num_videos, G.motion_z_dim, generator=gen)
-    return z, z_motion
-
-
-@torch.no_grad()
-def render_videos(G: torch.nn.Module, z: torch.Tensor, z_motion: torch.Tensor, num_frames: int,
-                  clip_frames: int = 16, chunk_frames: int = 16) -> torch.Tensor:
-    """uint8 [B, num_frames, H, W, 3] rendered at t_k = k / (clip_frames - 1); long videos are rendered
-    `chunk_frames` at a time from one prepared `VideoCode` (bounded memory)."""
-    device = next(G.parameters()).device
-    z, z_motion = z.to(device), z_motion.to(device)
-    b = z.shape[0]
-    t = torch.linspace(0.0, (num_frames - 1) / (clip_frames - 1), num_frames, device=device)
-    t = t.unsqueeze(0).expand(b, num_frames)
-    if hasattr(G, "prepare") and hasattr(G, "render"):
-        code = G.prepare(z, z_motion)
-        chunks = [quantize_frames(G.render(code, t[:, i:i + chunk_frames]))
-                  for i in range(0, num_frames, chunk_frames)]
-        return torch.cat(chunks, dim=1)
-    return quantize_frames(G(z, z_motion, t))
-
-
 def iterate_fake_videos(G: torch.nn.Module, num_videos: int, num_frames: int, seed: int, batch_size: int,
                         clip_frames: int = 16, rank: int = 0, world_size: int = 1) -> Iterable[torch.Tensor]:
     """Yield uint8 fake clips for this rank's share of videos 0..num_videos-1 (rank r gets r, r+W, ...)."""
-    z, z_motion = video_codes(G, num_videos, seed)
-    idx = torch.arange(rank, num_videos, world_size)
-    for i in range(0, len(idx), batch_size):
-        j = idx[i:i + batch_size]
-        yield render_videos(G, z[j], z_motion[j], num_frames, clip_frames).cpu()
+    seeds = video_seeds(seed, num_videos)[rank::world_size]
+    for i in range(0, len(seeds), batch_size):
+        yield sample_videos(G, seeds[i:i + batch_size], num_frames, clip_frames)
 
 
 # ----------------------------------------------------------------------------------------------------
