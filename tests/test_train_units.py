@@ -295,3 +295,19 @@ def test_storage_path_rule_under_a_ray_job():
     check_storage("/shared/runs", cwd=cache)  # absolute: the user's choice
     check_storage("s3://bucket/runs", cwd=cache)
     check_storage("runs", cwd="/home/me/digan")  # a plain driver: ./runs is where the user is
+
+
+def test_stale_checkpoint_staging_folders_are_cleaned(tmp_path):
+    """A worker SIGKILLed while writing a checkpoint leaves its local staging folder; the next worker start on
+    that node removes the folders of dead processes and leaves those of live ones (another run's save)."""
+    from digan.distributed.worker import _STAGING, clean_stale_staging
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{_STAGING}{dead.pid}-step-00000004-r1-abc"
+    live = tmp_path / f"{_STAGING}{os.getpid()}-step-00000008-r0-def"
+    other = tmp_path / "digan-cache"
+    for d in (stale, live, other):
+        (d / "G").mkdir(parents=True)
+    assert clean_stale_staging(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists() and other.exists()

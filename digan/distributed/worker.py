@@ -273,7 +273,7 @@ class RunLogger:
         else:
             # A fresh staging folder per attempt, seeded with the stored stats.jsonl so that a resumed run
             # appends to it (it holds the lines up to the last checkpoint, like the checkpoint itself).
-            self.dir = Path(tempfile.mkdtemp(prefix=f"digan-run-{cfg.train.run_name}-"))
+            self.dir = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-run-{cfg.train.run_name}-"))
             stats = f"{self.run_fs_path}/stats.jsonl"
             if self.fs.get_file_info(stats).type == pafs.FileType.File:
                 pafs.copy_files(stats, str(self.dir / "stats.jsonl"), source_filesystem=self.fs)
@@ -439,6 +439,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _quiet_report_logs()
 
     cfg = from_dict(loop_config["config"])
+    clean_stale_staging()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -600,6 +601,34 @@ def _compute_metrics(cfg: Config, rt: GANRuntime, rank: int, world_size: int) ->
     return values
 
 
+_STAGING = "digan-staging-"  # + the writer's PID: local temp folders of checkpoints and S3-bound run outputs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def clean_stale_staging(tmp: str | None = None) -> list[str]:
+    """Remove the staging folders that processes which no longer run left behind (a worker killed while it
+    wrote a checkpoint, or a lost node's, when it comes back); folders of live processes stay."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    for entry in os.scandir(tmp):
+        if not (entry.name.startswith(_STAGING) and entry.is_dir(follow_symlinks=False)):
+            continue
+        pid = entry.name[len(_STAGING):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
 def _save_checkpoint(cfg: Config, rt: GANRuntime, state: TrainState, loader, logger: RunLogger,
                      metrics: dict[str, float], rank: int, world_size: int) -> None:
     """Write this rank's part to a local temp folder, report it to Ray, then (rank 0) publish generator.pt."""
@@ -609,7 +638,7 @@ def _save_checkpoint(cfg: Config, rt: GANRuntime, state: TrainState, loader, log
     from digan.models import save_generator
 
     name = ckpt.checkpoint_name(state.step)
-    staging = tempfile.mkdtemp(prefix=f"digan-{name}-r{rank}-")
+    staging = tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-{name}-r{rank}-")
     try:
         state.segments.append([state.segment_start, state.step])
         rt.save_engines(staging)  # collective
