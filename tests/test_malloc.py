@@ -13,6 +13,10 @@ SCRIPT = textwrap.dedent("""
     if sys.argv[1] == "keep":
         from digan.malloc import keep_freed_memory
         assert keep_freed_memory() and keep_freed_memory()  # applied, idempotent
+    elif sys.argv[1] == "config":  # what the CPU entry points call: configure_malloc(cfg, device)
+        from digan.config import load_config
+        from digan.malloc import configure_malloc
+        print(configure_malloc(load_config("demo-32", sys.argv[3:]), sys.argv[2]))
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     # 64 MiB, above glibc's largest mmap threshold. Kept blocks settle after a few rounds: PyTorch's
@@ -27,9 +31,13 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def run_script(*args: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, *args], check=True, capture_output=True, text=True).stdout
+    return out.strip().splitlines()
+
+
 def faults_per_alloc(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+    return float(run_script(mode)[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
@@ -40,6 +48,13 @@ def test_keep_freed_memory_removes_page_faults_of_reallocation():
     assert kept <= max(2, default / 100)  # the freed blocks are reused as they are
 
 
-def test_keep_freed_memory_is_on_by_default_and_can_be_turned_off():
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_configure_malloc_follows_the_config_and_the_device():
+    """On by default on the CPU (dist.malloc_keep_freed), off when the config says so, never on a GPU run."""
     assert load_config("demo-32").dist.malloc_keep_freed is True
-    assert load_config("demo-32", ["dist.malloc_keep_freed=false"]).dist.malloc_keep_freed is False
+    applied, faults = run_script("config", "cpu")
+    assert applied == "True" and float(faults) <= 100  # vs ~16384 page faults per allocation when off
+    applied, faults = run_script("config", "cpu", "dist.malloc_keep_freed=false")
+    assert applied == "False" and float(faults) >= 16
+    applied, _ = run_script("config", "cuda:0")
+    assert applied == "False"
