@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def cpu_s() -> float:
@@ -106,13 +106,13 @@ def main() -> None:
 
 
         if not args.no_s3:
-            from fixtures_s3 import start_weed, stop_weed
+            from digan.storage.local_s3 import start_weed, stop_weed
 
             proc, server = start_weed(work / "weed")
             os.environ.update(server.env)
-            import s3fs
+            from digan.storage.s3 import s3_filesystem
 
-            fs = s3fs.S3FileSystem(skip_instance_cache=True)
+            fs = s3_filesystem()  # the endpoint from the server's AWS_ENDPOINT_URL
             for enc in args.encodings.split(","):
                 for f in sorted((work / enc).iterdir()):
                     fs.put_file(str(f), f"{server.bucket}/{enc}/{f.name}")

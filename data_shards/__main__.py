@@ -25,7 +25,7 @@ from data_shards.build import JOURNAL, BuildError, BuildOptions, build_shards
 from data_shards.records import MANIFEST
 from data_shards.sources import LAYOUTS, IMAGE_EXTS, discover
 from data_shards.storage import Destination
-from digan.data.s3 import S3Settings
+from digan.storage.s3 import S3Settings
 
 
 def detect_layout(root: str, split: str) -> str:

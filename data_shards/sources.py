@@ -132,8 +132,10 @@ def discover_frames(root: str, split: str) -> list[VideoSource]:
 
 
 def square_resize(img: Image.Image, resolution: int) -> np.ndarray:
-    """Centre crop to a square, then antialiased resize to resolution^2: uint8 [R,R,3]."""
-    img = img.convert("RGB")
+    """Centre crop to a square, then antialiased resize to resolution^2: uint8 [R,R,3] (the builder's transform,
+    also the loader's for frames stored larger than the training resolution)."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
     w, h = img.size
     s = min(w, h)
     box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)

@@ -1,9 +1,9 @@
-"""Build destinations: a local folder or `s3://bucket/prefix` (through the per-process s3fs of digan.data.s3).
+"""Build destinations: a local folder or `s3://bucket/prefix` (through the per-process s3fs of digan.storage.s3).
 
 Both give the same small interface; every write is whole-object (S3 puts) or temp-file + rename (local),
-so a reader never sees half a shard or half a manifest. Every local file is created by `_new_temp`, with
-the mode a plain `open()` gives (0o666 minus the umask), so shared storage shows published files to
-whoever the umask lets read them. Temp files live in one folder per destination (`temp_dir`: the
+so a reader never sees half a shard or half a manifest. Every local file is created by
+`digan.storage.new_temp`, with the mode a plain `open()` gives (0o666 minus the umask), so shared storage
+shows published files to whoever the umask lets read them. Temp files live in one folder per destination (`temp_dir`: the
 destination folder itself, or a private folder under the system temp dir for S3) that `clean_temp`
 empties; the builder calls it before a build and after one, finished or not.
 """
@@ -14,33 +14,18 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
 import stat
 import tempfile
 from pathlib import Path
 
-from digan.data.s3 import S3Settings, is_s3, s3_filesystem, strip_scheme
+from digan.storage import is_s3, new_temp, strip_scheme
+from digan.storage.s3 import S3Settings, s3_filesystem
 
 _CREDENTIAL_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "ProfileNotFound")  # botocore's
 
 
 class S3AccessDenied(PermissionError):
     """The S3 destination refused us (or no credentials were found); the message names it, never a key."""
-
-
-def _new_temp(folder: Path, name: str) -> str:
-    """Create an empty hidden `.<name>.<random>.tmp` in `folder`; returns its path.
-
-    os.open with 0o666 lets the kernel apply the umask, as for any plain file; mkstemp's 0600 would
-    survive the rename and hide published shards from everyone else."""
-    for _ in range(16):
-        path = folder / f".{name}.{secrets.token_hex(6)}.tmp"
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return str(path)
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{folder}: no free temp name for {name}")
 
 
 class Destination:
@@ -120,7 +105,7 @@ class Destination:
             self._own_temp_dir()
         else:
             self.root.mkdir(parents=True, exist_ok=True)
-        return _new_temp(self.temp_dir, name)
+        return new_temp(self.temp_dir, name)
 
     def commit(self, tmp_path: str, name: str) -> None:
         """Publish a finished local file under `name` (S3 upload or atomic rename); removes the temp file."""

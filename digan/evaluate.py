@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from digan.config import HelpFormatter
+from digan.storage import atomic_write
 
 METRIC_HELP = "fvd<T> (fvd16, fvd128), kvd<T>, fid, is (UCF-101 C3D, needs --c3d-weights/--c3d-mean)"
 
@@ -259,10 +260,8 @@ def _run(args: argparse.Namespace) -> dict:
     report["results"] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "trials": v}
                          for k, v in per_trial.items()}
     report["elapsed_s"] = round(time.time() - t0, 1)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out_path)
+    with atomic_write(out_path, "w") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
     return report
 
 

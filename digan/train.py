@@ -21,9 +21,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from digan.config import Config, add_config_args, config_from_args, dump_yaml, to_dict
+from digan.storage import display_path, is_s3, join
 
 
 @dataclass
@@ -49,7 +49,7 @@ def plan(cfg: Config) -> str:
         f"DeepSpeed ZeRO-{d.zero_stage} {d.precision}",
         f"      global batch {t.batch_size} ({t.batch_size // d.num_workers} per worker), "
         f"{t.total_kimg:g} kimg = {_steps(t.total_kimg, t.batch_size)} steps, data {cfg.data.source}",
-        f"      run {_join(t.storage_path, t.run_name)}: checkpoint every {t.checkpoint_kimg:g} kimg"
+        f"      run {join(t.storage_path, t.run_name)}: checkpoint every {t.checkpoint_kimg:g} kimg"
         + (f" or {t.checkpoint_minutes:g} min" if t.checkpoint_minutes else "") + " (keep "
         f"{t.keep_checkpoints}), samples every {t.sample_kimg:g} kimg, metrics {cfg.metrics.metrics or 'off'}"
         + (f" every {cfg.metrics.interval_kimg:g} kimg" if cfg.metrics.metrics else ""),
@@ -58,12 +58,6 @@ def plan(cfg: Config) -> str:
 
 def _steps(kimg: float, batch: int) -> int:
     return -(-int(round(kimg * 1000)) // batch)
-
-
-def _join(storage_path: str, name: str) -> str:
-    if storage_path.startswith("s3://"):
-        return f"{storage_path.rstrip('/')}/{name}"
-    return str(Path(storage_path).expanduser().resolve() / name)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,8 +187,6 @@ def check_storage(storage_path: str, cwd: str | None = None) -> None:
     """A relative train.storage_path is refused where the driver runs in Ray's working-dir cache (a `ray job
     submit --working-dir` driver): outputs would land in `.../runtime_resources/working_dir_files/_ray_pkg_<hash>/`
     on one node, lost with the cache, and a resubmission with edited code (another hash) would never resume."""
-    from digan.data.s3 import is_s3
-
     if is_s3(storage_path) or os.path.isabs(os.path.expanduser(storage_path)):
         return
     cwd = cwd or os.getcwd()
@@ -298,12 +290,12 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
     metrics = result.metrics or {}
     samples = _latest_sample(fs, run_fs_path)
     return TrainOutcome(
-        run_dir=ckpt.display_path(fs, run_fs_path),
-        checkpoint=ckpt.display_path(fs, latest) if latest else None,
+        run_dir=display_path(fs, run_fs_path),
+        checkpoint=display_path(fs, latest) if latest else None,
         step=int(metrics["step"]) if "step" in metrics else None,
         kimg=float(metrics["kimg"]) if "kimg" in metrics else None,
-        tensorboard=ckpt.display_path(fs, f"{run_fs_path}/tensorboard"),
-        sample_video=ckpt.display_path(fs, samples) if samples else None,
+        tensorboard=display_path(fs, f"{run_fs_path}/tensorboard"),
+        sample_video=display_path(fs, samples) if samples else None,
         stopped=requested.is_set(),
     )
 

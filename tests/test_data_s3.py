@@ -24,7 +24,8 @@ from data_shards.sources import discover
 from data_shards.storage import Destination
 from digan.config import DataConfig
 from digan.data import build_clip_loader, build_pair_loader
-from digan.data.s3 import RetryingS3Reader, S3Settings, configure_s3, is_transient, open_s3
+from digan.storage.s3 import S3Settings, configure_s3, is_transient
+from digan.storage.s3_stream import RetryingS3Reader, open_s3
 from test_data_shards import ctrl_c_able, interrupt_when
 
 pytestmark = pytest.mark.slow

@@ -56,3 +56,78 @@ def test_the_patterns_catch_what_they_should():
                  "/tmp" + "/metrics/jaxenv"):
         assert PATTERN.search(text), text
     assert not PATTERN.search("README.md, docs/ and ~/work-dir are fine")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The house drawn from its imports: every arrow points down (or stays inside its own room).
+
+# Bottom to top. A module may import its own room and the rooms of LOWER floors only (function-level
+# imports count too: a lazy import is still an arrow).
+FLOORS = [
+    {"digan.config", "digan.storage", "digan.malloc", "digan.video_io"},
+    {"digan.models", "data_shards"},
+    {"digan.data", "digan.training", "digan.sampling"},
+    {"digan.metrics"},
+    {"digan.distributed"},
+    {"digan.train", "digan.generate", "digan.evaluate"},
+    {"sweeps", "benchmarks"},
+]
+_OURS = ("digan", "data_shards", "sweeps", "benchmarks")
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "digan" and len(parts) > 1 else parts[0]
+
+
+def _floor(room: str) -> int:
+    for i, rooms in enumerate(FLOORS):
+        if room in rooms:
+            return i
+    raise AssertionError(f"{room}: not on any floor of FLOORS; put it where it belongs")
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return {m for m in out if m.split(".")[0] in _OURS}
+
+
+def _arrows_up(files: list[Path]) -> list[str]:
+    bad = []
+    for p in files:
+        rel = p.relative_to(REPO)
+        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+        here = _room(module)
+        for target in sorted(_imports(p)):
+            there = _room(target)
+            if there != here and _floor(there) >= _floor(here):
+                bad.append(f"{rel}: {here} (floor {_floor(here)}) imports {target} (floor {_floor(there)})")
+    return bad
+
+
+def _product_py_files() -> list[Path]:
+    return [p for p in _tracked_text_files() if p.suffix == ".py" and p.relative_to(REPO).parts[0] in _OURS]
+
+
+def test_no_import_runs_back_up_the_house():
+    files = _product_py_files()
+    assert len(files) > 40, "the checker found too few files to mean anything"
+    bad = _arrows_up(files)
+    assert not bad, "imports that run up or sideways:\n" + "\n".join(bad)
+
+
+def test_nothing_outside_the_tests_imports_the_tests():
+    bad = []
+    for p in _product_py_files():
+        text = p.read_text()
+        if re.search(r"^\s*(from|import)\s+(tests\b|fixtures_s3|ray_nodes|slurm_fixture|conftest)", text, re.M) or \
+                re.search(r"sys\.path\.insert\([^\n]*[\"']tests[\"']", text):
+            bad.append(str(p.relative_to(REPO)))
+    assert not bad, "product code reaching into tests/: " + ", ".join(bad)

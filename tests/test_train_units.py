@@ -139,6 +139,8 @@ def test_crossed_intervals():
 def test_atomic_save_and_find_latest_only_complete(tmp_path):
     import pyarrow.fs as pafs
 
+    from digan.storage import publish_file
+
     fs = pafs.LocalFileSystem()
     run = tmp_path / "run"
     for step, complete in [(2, True), (4, True), (6, False)]:
@@ -148,7 +150,7 @@ def test_atomic_save_and_find_latest_only_complete(tmp_path):
         if complete:
             src = tmp_path / f"gen{step}.pt"
             torch.save({"step": step}, src)
-            ckpt.publish_file(fs, src, str(d / ckpt.GENERATOR_FILE))
+            publish_file(fs, src, str(d / ckpt.GENERATOR_FILE))
     (run / "step-00000009-partial").mkdir()  # not a checkpoint name
     assert [s for s, _ in ckpt.list_checkpoints(fs, str(run))] == [2, 4]
     assert ckpt.find_latest(fs, str(run)) == str(run / "step-00000004")

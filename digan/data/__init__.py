@@ -6,19 +6,20 @@
     clips = build_clip_loader(cfg.data, resolution, batch, num_frames, rank, world_size, seed)
     ensure_demo_shards(cfg.data, resolution) -> folder
 
-Names resolve lazily, so `digan.data.s3` can be imported without torch or webdataset.
+Names resolve lazily (S3 access itself lives in `digan.storage.s3`).
 """
 
 import importlib
 
 _EXPORTS = {"build_pair_loader": "loader", "build_clip_loader": "loader", "StreamLoader": "loader",
-            "list_shards": "loader", "read_manifest": "loader", "resolve_source": "loader",
-            "ensure_demo_shards": "demo", "S3Settings": "s3", "ClipsTooShortError": "loader",
-            "DataError": "loader", "S3OutageError": "s3", "check_source": "loader", "locate": "loader"}
+            "list_shards": "source", "read_manifest": "source", "resolve_source": "source",
+            "ensure_demo_shards": "demo", "S3Settings": "digan.storage.s3", "ClipsTooShortError": "source",
+            "DataError": "reader", "S3OutageError": "digan.storage.s3", "check_source": "source", "locate": "source"}
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"digan.data.{_EXPORTS[name]}"), name)
+        module = _EXPORTS[name]
+        return getattr(importlib.import_module(module if "." in module else f"digan.data.{module}"), name)
     raise AttributeError(f"module 'digan.data' has no attribute {name!r}")

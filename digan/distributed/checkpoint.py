@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
-import uuid
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from digan.storage import arrow_filesystem, atomic_write
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 TRAIN_STATE_FILE = "train_state.pt"
@@ -56,19 +55,9 @@ def parse_step(name: str) -> int | None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save into a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save that publishes `path` only once it is complete (`digan.storage.atomic_write`)."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def load_weights_only(path: str | os.PathLike) -> Any:
@@ -77,58 +66,16 @@ def load_weights_only(path: str | os.PathLike) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Storage: a local folder or s3://bucket/prefix, as a pyarrow filesystem + path (what Ray's RunConfig takes).
+# Storage: a local folder or s3://bucket/prefix as a pyarrow filesystem + path (`digan.storage`).
 
 
 def resolve_storage(storage_path: str, s3_endpoint_url: str | None = None, s3_region: str | None = None):
-    """(pyarrow filesystem, fs path) for `train.storage_path`.
+    """(pyarrow filesystem, fs path) for `train.storage_path`: an absolute local path, or "bucket/prefix" on
+    this process's s3fs (endpoint `s3_endpoint_url`, else AWS_ENDPOINT_URL(_S3); credentials only from the
+    AWS chain, never passed here)."""
+    from digan.storage.s3 import S3Settings
 
-    A folder becomes an absolute local path (pyarrow LocalFileSystem). `s3://bucket/prefix` becomes an
-    s3fs filesystem wrapped for pyarrow and the path "bucket/prefix". The endpoint comes from
-    `s3_endpoint_url`, else AWS_ENDPOINT_URL(_S3); credentials only from the AWS chain (never passed here).
-    """
-    import pyarrow.fs as pafs
-
-    if storage_path.startswith("s3://"):
-        import s3fs
-
-        endpoint = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint or None,
-                               client_kwargs={"region_name": s3_region} if s3_region else {},
-                               config_kwargs={"s3": {"addressing_style": "path"}})
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), storage_path[len("s3://"):].rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(storage_path).expanduser().resolve())
-
-
-def display_path(fs, fs_path: str) -> str:
-    """A path a user can paste: absolute local path, or s3://bucket/key."""
-    import pyarrow.fs as pafs
-
-    return fs_path if isinstance(fs, pafs.LocalFileSystem) else f"s3://{fs_path}"
-
-
-def publish_file(fs, local_file: str | os.PathLike, fs_path: str) -> None:
-    """Copy one local file to `fs_path` so that it appears complete or not at all.
-
-    Local: write `.name.<random>.tmp` next to it, then rename. S3: one PUT (multipart uploads only
-    become visible when completed).
-    """
-    import pyarrow.fs as pafs
-
-    parent = fs_path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{parent}/.{Path(fs_path).name}.{uuid.uuid4().hex}.tmp"
-        try:
-            pafs.copy_files(str(local_file), tmp, destination_filesystem=fs)
-            fs.move(tmp, fs_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    else:
-        with open(local_file, "rb") as src, fs.open_output_stream(fs_path) as dst:
-            while chunk := src.read(8 << 20):
-                dst.write(chunk)
+    return arrow_filesystem(storage_path, S3Settings(endpoint_url=s3_endpoint_url, region=s3_region))
 
 
 def list_checkpoints(fs, run_fs_path: str, complete_only: bool = True) -> list[tuple[int, str]]:

@@ -39,6 +39,7 @@ from digan.distributed.deepspeed import DeepSpeedUpdater, build_ds_config, initi
 from digan.distributed.utils import (any_rank, barrier, dist_mean, dist_sum, rng_state, seed_everything,
                                      seed_for_rank, set_rng_state)
 from digan.malloc import configure_malloc
+from digan.storage import atomic_path, atomic_write, publish_file
 from digan.training import (EMA, DIGANLoss, DiscriminatorPair, build_ada_tuner, build_adam, d_reg_interval,
                             sample_time_pairs, train_step, tune_ada)
 
@@ -297,9 +298,8 @@ class RunLogger:
         lines = (self.dir / "stats.jsonl").read_text().splitlines(keepends=True)
         kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
         if len(kept) != len(lines):
-            tmp = self.dir / ".stats.jsonl.tmp"
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.dir / "stats.jsonl")
+            with atomic_write(self.dir / "stats.jsonl", "w") as f:
+                f.write("".join(kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -334,10 +334,8 @@ class RunLogger:
         num_frames = self.cfg.data.num_frames
         grid = video_grid(sample_videos(G_ema, seeds, num_frames, clip_frames=num_frames))  # [T, H', W', 3]
         path = self.dir / "samples" / f"{ckpt.checkpoint_name(step)}.mp4"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.mp4")
-        write_mp4(tmp, grid, fps=8)
-        os.replace(tmp, path)
+        with atomic_path(path, keep_suffix=True) as tmp:  # the muxer picks mp4 by the name
+            write_mp4(tmp, grid, fps=8)
         tensorboard_video(self.tb, "samples", grid, step, fps=8)  # watch progress in TensorBoard's Images tab
         self.tb.flush()
         return path
@@ -659,8 +657,8 @@ def _save_checkpoint(cfg: Config, rt: GANRuntime, state: TrainState, loader, log
             storage = ray.train.get_context().get_storage()
             export = os.path.join(staging, ckpt.GENERATOR_FILE)
             save_generator(export, rt.G_ema, cfg, state.step, state.cur_nimg / 1000)
-            ckpt.publish_file(storage.storage_filesystem, export,
-                              f"{storage.experiment_fs_path}/{name}/{ckpt.GENERATOR_FILE}")
+            publish_file(storage.storage_filesystem, export,
+                         f"{storage.experiment_fs_path}/{name}/{ckpt.GENERATOR_FILE}")
             logger.sync()
         state.segment_start = state.step
         barrier()  # nobody races ahead into the next checkpoint while generator.pt is being published

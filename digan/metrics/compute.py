@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 
 from digan.sampling import sample_videos, video_seeds
+from digan.storage import atomic_write
 
 from .detectors import FrameDetector, VideoDetector, as_uint8_tensor, build_frame_detector, build_video_detector, \
     clips_to_frames
@@ -141,13 +140,9 @@ def _store_cached(key: str, feats: np.ndarray, cache_dir: str | None, meta: dict
     _REAL_CACHE[key] = feats
     if not cache_dir:
         return
-    folder = Path(cache_dir).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
     # Atomic: several ranks or runs may share the cache folder.
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_write(Path(cache_dir).expanduser() / f"real-{key}.npz") as f:
         np.savez(f, features=feats.astype(np.float32), meta=np.array(json.dumps(meta)))
-    os.replace(tmp, folder / f"real-{key}.npz")
 
 
 # ----------------------------------------------------------------------------------------------------

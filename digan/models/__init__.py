@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from digan.config import Config, ModelConfig, from_dict, to_dict
 from digan.models.discriminator import ImageDiscriminator, MotionDiscriminator, motion_input
 from digan.models.generator import Generator, VideoCode
+from digan.storage import atomic_write
 
 __all__ = ["Generator", "VideoCode", "ImageDiscriminator", "MotionDiscriminator", "motion_input",
            "build_generator", "build_discriminators", "save_generator", "load_generator",
@@ -58,16 +58,8 @@ def save_generator(path: str | os.PathLike, G_ema: Generator, cfg: Config, step:
         "step": int(step),
         "kimg": float(kimg),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return path
 
 

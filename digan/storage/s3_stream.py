@@ -1,144 +1,21 @@
-"""S3 access for shards: one s3fs per process, path-style addressing, retries with exponential backoff.
+"""Streaming S3 objects (shards): prefetched ranged GETs on botocore's synchronous client, resumed at the byte.
 
-`register_gopen()` (called when `digan.data.loader` is imported) puts `s3://` in webdataset's
-`gopen_schemes`, so shard URLs like `s3://bucket/prefix/shard-000000.tar` open as a `RetryingS3Reader`:
-s3fs for the HEAD (and for listing, the manifest and the builder's uploads), the shard bytes as
-prefetched ranged GETs on botocore's synchronous client (`_RangeFetcher`, cheaper per MiB than aiohttp).
-This module imports neither torch nor webdataset, so the shard builder's worker processes stay light.
-
-Why one filesystem (and one range client) per process: an `S3FileSystem` used before a fork is not
-fork-safe (its aiohttp session belongs to the parent's event loop), so it is built lazily, cached by PID,
-bypassing fsspec's instance cache; fsspec itself resets its event-loop thread in a forked child.
-DataLoader workers may therefore be forked after the parent listed the bucket.
-
-The endpoint and region come from `S3Settings` (filled from DataConfig), else from the standard AWS
-environment/config chain (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, ~/.aws/...).
-Credentials are never passed through here, stored in settings, printed or logged.
+`register_gopen()` puts `s3://` in webdataset's `gopen_schemes`, so shard URLs like
+`s3://bucket/prefix/shard-000000.tar` open as a `RetryingS3Reader`: s3fs for the HEAD, the bytes as
+prefetched ranged GETs (`_RangeFetcher`, cheaper per MiB than aiohttp). Transient errors are retried
+within the process's outage budget (`digan.storage.s3`). Built lazily per PID, so fork-safe like the
+filesystem.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import random
 import sys
-import time
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class S3Settings:
-    endpoint_url: str | None = None  # None = AWS_ENDPOINT_URL(_S3) or AWS itself
-    region: str | None = None  # None = AWS_DEFAULT_REGION / AWS config
-    max_retries: int = 5  # botocore's retries of one request (its own backoff)
-    backoff_s: float = 0.2  # our first backoff after a failed read; doubles per retry (with jitter), capped at 10 s
-    profile: str | None = None  # AWS config profile (credentials stay in the AWS config)
-    retry_budget_s: float = 300.0  # an outage (transient errors, no success in between) longer than this is fatal
-
-
-class S3OutageError(OSError):
-    """The endpoint stayed unreachable past the retry budget: fatal for the loader (not skipped, not retried)."""
-
-
-class _Outage:
-    """The outage clock of this process: the first transient error with no successful read since.
-
-    Every retry loop in this module asks it before retrying, so the budget is one total for the
-    process (a DataLoader worker, or a trainer's main process) however many reads and shards wait on
-    the same outage; any successful read stops the clock. Within the budget reads are retried at their
-    byte offset: a server that comes back in time loses no bytes, hence no samples.
-    """
-
-    since: float | None = None
-
-    @classmethod
-    def ok(cls) -> None:
-        cls.since = None
-
-    @classmethod
-    def failed(cls, exc: BaseException, settings: S3Settings, what: str) -> None:
-        """Record a transient error; raise S3OutageError when the outage has outlasted the budget."""
-        now = time.monotonic()
-        if cls.since is None:
-            cls.since = now
-        if now - cls.since > settings.retry_budget_s:
-            cls.since = None
-            raise S3OutageError(
-                f"s3: {_endpoint(settings) or 'AWS S3'} unreachable for {settings.retry_budget_s:g} s "
-                f"(data.s3_retry_budget_s) while reading {what}; last error: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
-
-
-_settings = S3Settings()
-_fs_cache: dict[tuple[int, S3Settings], object] = {}
-
-
-def configure_s3(settings: S3Settings) -> None:
-    """Set this process's default settings (DataLoader workers call it in their `__iter__`)."""
-    global _settings
-    _settings = settings
-
-
-def is_s3(url: str) -> bool:
-    return str(url).startswith("s3://")
-
-
-def _endpoint(settings: S3Settings) -> str | None:
-    """The endpoint to use: the settings', else AWS_ENDPOINT_URL(_S3), else None (AWS itself)."""
-    return settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def s3_filesystem(settings: S3Settings | None = None):
-    """The s3fs filesystem of this process for `settings` (built on first use in each process)."""
-    import s3fs
-
-    settings = settings or _settings
-    key = (os.getpid(), settings)
-    fs = _fs_cache.get(key)
-    if fs is None:
-        client_kwargs = {"region_name": settings.region} if settings.region else {}
-        fs = s3fs.S3FileSystem(
-            endpoint_url=_endpoint(settings),
-            client_kwargs=client_kwargs,
-            # Path-style works with every S3-compatible server (SeaweedFS, MinIO, Ceph) and with AWS.
-            config_kwargs={"s3": {"addressing_style": "path"}, "connect_timeout": 10, "read_timeout": 60,
-                           "retries": {"max_attempts": settings.max_retries + 1, "mode": "standard"}},
-            profile=settings.profile,
-            skip_instance_cache=True,
-        )
-        _fs_cache[key] = fs
-    return fs
-
-
-def strip_scheme(url: str) -> str:
-    return url[len("s3://"):] if is_s3(url) else url
-
-
-def is_transient(exc: BaseException, _depth: int = 0) -> bool:
-    """Errors worth a retry: connection resets, timeouts, throttling and 5xx answers."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, S3OutageError)):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    status = getattr(exc, "response", None)
-    status = status.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(status, dict) else None
-    if isinstance(status, int) and (status >= 500 or status == 429):
-        return True
-    text = f"{type(exc).__name__}: {exc}"
-    markers = ("ClientPayloadError", "ServerDisconnected", "ClientConnectorError", "ClientOSError",
-               "EndpointConnectionError", "ConnectionClosedError", "ReadTimeout", "ConnectTimeout",
-               "IncompleteRead", "ResponseStreamingError", "Connection reset", "SlowDown", "Throttl",
-               "ServiceUnavailable", "InternalError", "RequestTimeout", "TooManyRequests",
-               "ProtocolError", "Connection broken")
-    if any(m in text for m in markers):
-        return True
-    cause = exc.__cause__ or exc.__context__  # s3fs re-raises botocore/aiohttp errors as OSError from them
-    return cause is not None and cause is not exc and _depth < 5 and is_transient(cause, _depth + 1)
-
-
-def backoff_sleep(attempt: int, settings: S3Settings) -> None:
-    delay = min(10.0, settings.backoff_s * (2 ** attempt))
-    time.sleep(delay * (0.5 + random.random()))  # jitter so many workers don't retry in lockstep
+from digan.storage import strip_scheme
+from digan.storage.s3 import (S3Settings, endpoint_url, Outage, backoff_sleep, current_settings, is_transient,
+                              s3_filesystem)
 
 
 class _RangeFetcher:
@@ -164,7 +41,7 @@ class _RangeFetcher:
         config = botocore.config.Config(
             s3={"addressing_style": "path"}, connect_timeout=10, read_timeout=60,
             retries={"max_attempts": settings.max_retries + 1, "mode": "standard"}, max_pool_connections=4)
-        self.client = session.create_client("s3", endpoint_url=_endpoint(settings), region_name=settings.region,
+        self.client = session.create_client("s3", endpoint_url=endpoint_url(settings), region_name=settings.region,
                                             config=config)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digan-s3")
         self.settings = settings
@@ -186,7 +63,7 @@ class _RangeFetcher:
         """Bytes [start, end) of s3://key as a read-only view of one buffer (no per-piece copies).
 
         A body cut by a transient error (connection reset, read timeout, endpoint down) is resumed from
-        the first missing byte, with backoff, for as long as the outage budget allows (`_Outage`); what
+        the first missing byte, with backoff, for as long as the outage budget allows (`Outage`); what
         arrived is kept. botocore retries the request itself, not a broken body. Other errors, and
         S3OutageError once the budget is spent, propagate.
         """
@@ -211,11 +88,11 @@ class _RangeFetcher:
                         n += got
                 finally:
                     body.close()
-                _Outage.ok()
+                Outage.ok()
             except Exception as e:
                 if not is_transient(e):
                     raise
-                _Outage.failed(e, self.settings, f"s3://{key} at byte {start + n}")
+                Outage.failed(e, self.settings, f"s3://{key} at byte {start + n}")
                 backoff_sleep(attempt, self.settings)
                 attempt += 1
         return view.toreadonly()
@@ -251,7 +128,7 @@ class RetryingS3Reader(io.RawIOBase):
     def __init__(self, url: str, settings: S3Settings | None = None, chunk_bytes: int = 32 << 20,
                  first_chunk_bytes: int = 8 << 20):
         super().__init__()
-        self.url, self.settings, self.chunk_bytes = url, settings or _settings, chunk_bytes
+        self.url, self.settings, self.chunk_bytes = url, settings or current_settings(), chunk_bytes
         self._range_bytes = min(first_chunk_bytes, chunk_bytes)  # length of the next range submitted
         self.key = strip_scheme(url)
         self.fs = s3_filesystem(self.settings)
@@ -276,12 +153,12 @@ class RetryingS3Reader(io.RawIOBase):
         while True:
             try:
                 out = fn()
-                _Outage.ok()
+                Outage.ok()
                 return out
             except Exception as e:
                 if not is_transient(e):
                     raise
-                _Outage.failed(e, self.settings, f"{self.url} at byte {offset}")
+                Outage.failed(e, self.settings, f"{self.url} at byte {offset}")
                 self.retries += 1
                 if attempt < 3 or attempt % 10 == 0:
                     print(f"s3: transient error on {self.url} at byte {offset} ({type(e).__name__}); "
