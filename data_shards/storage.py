@@ -2,10 +2,10 @@
 
 Both give the same small interface; every write is whole-object (S3 puts) or temp-file + rename (local),
 so a reader never sees half a shard or half a manifest. Every local file is created by
-`digan.storage.new_temp`, with the mode a plain `open()` gives (0o666 minus the umask), so shared storage
-shows published files to whoever the umask lets read them. Temp files live in one folder per destination (`temp_dir`: the
-destination folder itself, or a private folder under the system temp dir for S3) that `clean_temp`
-empties; the builder calls it before a build and after one, finished or not.
+`digan.storage.new_temp`, with the mode a plain `open()` gives (0o666 minus the umask), so shared
+storage shows published files to whoever the umask lets read them. Temp files live in one folder per
+destination (`temp_dir`: the destination folder itself, or a private folder under the system temp dir
+for S3) that `clean_temp` empties; the builder calls it before a build and after one, finished or not.
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ def test_seed_is_the_same_video_in_generate_evaluate_and_training_samples(traine
     sample grid of a run with train.seed=3 (its first tile) hold the same frames (up to one level in a rare
     pixel where a batch of several videos rounds differently from a batch of one)."""
     import digan.video_io
-    from digan.distributed.worker import RunLogger
+    from digan.distributed.run_logger import RunLogger
     from digan.metrics.compute import iterate_fake_videos
 
     run, cfg, G, _ = trained_like

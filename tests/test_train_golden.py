@@ -277,7 +277,7 @@ import os, sys, socket, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import test_train_golden as T
 from digan.config import load_config
-from digan.distributed.worker import GANRuntime
+from digan.distributed.runtime import GANRuntime
 from digan.training import DIGANLoss
 
 torch.set_num_threads(1)

@@ -118,7 +118,7 @@ def _dp_loop(config: dict) -> None:
 
     from digan.config import from_dict
     from digan.distributed.utils import dist_mean
-    from digan.distributed.worker import GANRuntime
+    from digan.distributed.runtime import GANRuntime
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
@@ -216,7 +216,7 @@ def _zero_loop(config: dict) -> None:
 
     from digan.config import from_dict
     from digan.distributed.utils import barrier
-    from digan.distributed.worker import GANRuntime
+    from digan.distributed.runtime import GANRuntime
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
@@ -287,7 +287,7 @@ def _pin_loop(config: dict) -> None:
 
     from digan.config import from_dict
     from digan.distributed.utils import dist_mean
-    from digan.distributed.worker import GANRuntime
+    from digan.distributed.runtime import GANRuntime
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()

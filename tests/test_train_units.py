@@ -17,7 +17,8 @@ from digan.config import DistConfig, load_config, to_dict
 from digan.distributed import checkpoint as ckpt
 from digan.distributed.deepspeed import DeepSpeedUpdater, build_ds_config, initialize_engine
 from digan.distributed.utils import rng_state, set_rng_state
-from digan.distributed.worker import KeyedLatents, _crossed
+from digan.distributed.worker import _crossed
+from digan.training.latents import KeyedLatents
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -237,7 +238,7 @@ def test_run_logger_samples_reach_tensorboard_as_videos(tmp_path):
     from PIL import Image, ImageSequence
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from digan.distributed.worker import RunLogger
+    from digan.distributed.run_logger import RunLogger
     from digan.models import build_generator
 
     cfg = load_config("demo-32", ["train.num_sample_videos=2", "data.num_frames=6"])
@@ -264,7 +265,7 @@ def test_run_logger_keeps_each_step_once_after_a_resume(tmp_path):
     import pyarrow.fs as pafs
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from digan.distributed.worker import RunLogger
+    from digan.distributed.run_logger import RunLogger
 
     cfg = load_config("demo-32")
     storage = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), experiment_fs_path=str(tmp_path / "run"))
@@ -302,7 +303,7 @@ def test_storage_path_rule_under_a_ray_job():
 def test_stale_checkpoint_staging_folders_are_cleaned(tmp_path):
     """A worker SIGKILLed while writing a checkpoint leaves its local staging folder; the next worker start on
     that node removes the folders of dead processes and leaves those of live ones (another run's save)."""
-    from digan.distributed.worker import _STAGING, clean_stale_staging
+    from digan.distributed.checkpoint import STAGING_PREFIX as _STAGING, clean_stale_staging
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from typing import Any
 
 import torch
@@ -127,3 +129,40 @@ def find_latest(fs, run_fs_path: str) -> str | None:
     """fs path of the newest complete checkpoint of a run folder, or None."""
     found = list_checkpoints(fs, run_fs_path)
     return found[-1][1] if found else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Local staging folders (a checkpoint before Ray copies it, S3-bound run outputs).
+
+
+STAGING_PREFIX = "digan-staging-"  # + the writer's PID: checkpoints before Ray copies them, S3-bound run outputs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def clean_stale_staging(tmp: str | None = None) -> list[str]:
+    """Remove the staging folders that processes which no longer run left behind (a worker killed while it
+    wrote a checkpoint, or a lost node's, when it comes back); folders of live processes stay."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    for entry in os.scandir(tmp):
+        if not (entry.name.startswith(STAGING_PREFIX) and entry.is_dir(follow_symlinks=False)):
+            continue
+        pid = entry.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def staging_dir(name: str) -> str:
+    """A new local staging folder, named after this process (so `clean_stale_staging` knows its writer)."""
+    return tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{name}-")

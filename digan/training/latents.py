@@ -1,0 +1,69 @@
+"""Fake-sample latents keyed by global sample index: the same fakes on any number of workers.
+
+z, z_M and t of fake sample i at step s come from a generator seeded by (seed, s, phase), drawn for the whole
+global batch; each rank keeps its rows. The distributed worker's loss draws through them
+(`KeyedLatentLoss`), so 1 and N workers train on the same fake videos for the same global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from digan.training.loss import DIGANLoss, sample_time_pairs
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), stable across processes and Python versions."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (int(p) + 0x9E3779B97F4A7C15 + ((h << 6) & (2**64 - 1)) + (h >> 2)) & (2**64 - 1)
+        h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    return h & (2**63 - 1)
+
+
+class KeyedLatents:
+    """z, z_M and t of fake sample i at step s are a function of (seed, s, phase, i), not of the rank.
+
+    Every rank draws the latents of the WHOLE global batch from one CPU generator seeded by
+    (seed, step, phase) and keeps its own rows, so a run on 1 worker and a run on 2 workers draw the
+    same fake videos for the same global batch (the data-parallel test relies on it; it also makes a
+    resumed run on another number of workers draw the same latents). The cost is a draw of
+    global_batch x (z_dim + motion_z_dim) numbers per phase, negligible next to a GAN step.
+    Phases count the calls within a step (G step's fakes, then D step's fakes: fresh z for each).
+    """
+
+    def __init__(self, seed: int, global_batch: int):
+        self.seed, self.global_batch = seed, global_batch
+        self.step, self.phase = 0, 0
+        self.sample_ids = torch.arange(global_batch)
+
+    def begin_step(self, step: int, sample_ids: torch.Tensor) -> None:
+        self.step, self.phase, self.sample_ids = step, 0, sample_ids.cpu().long()
+
+    def draw(self, z_dim: int, motion_z_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = torch.Generator(device="cpu").manual_seed(_mix(self.seed, self.step, self.phase))
+        self.phase += 1
+        n, ids = self.global_batch, self.sample_ids
+        z = torch.randn(n, z_dim, generator=g)[ids]
+        z_M = torch.randn(n, motion_z_dim, generator=g)[ids]
+        t = sample_time_pairs(n, generator=g)[ids]
+        return z, z_M, t
+
+
+class KeyedLatentLoss(DIGANLoss):
+    """DIGANLoss whose fake samples use `KeyedLatents` instead of the global RNG (augmentation unchanged).
+
+    Overrides only where z, z_M and t come from (`sample_latents`); the rendering is the recipe's.
+    """
+
+    def __init__(self, latents: KeyedLatents, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.latents = latents
+
+    def sample_latents(self, G: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z, z_M, t = self.latents.draw(G.z_dim, G.motion_z_dim)
+        if z.shape[0] != batch_size:
+            raise RuntimeError(f"keyed latents: {z.shape[0]} sample ids for a batch of {batch_size}")
+        return z, z_M, t
