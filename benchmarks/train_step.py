@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digan.config import load_config  # noqa: E402
 from digan.malloc import configure_malloc  # noqa: E402
+from digan.models import cpu_kernels  # noqa: E402
 from digan.training import SingleProcessTrainer, d_step, g_step, r1_step  # noqa: E402
 
 TARGET_SPEEDUP = 1.5
@@ -117,6 +118,7 @@ def run_row(name: str, batch: int | None, iters: int, warmup: int, device: torch
     if r1_schedule is not None:
         overrides = overrides + [f"loss.r1_schedule={r1_schedule}"]
     cfg = load_config(preset, overrides + [f"train.batch_size={batch}", "dist.num_workers=1"])
+    cpu_kernels.enable(device.type == "cpu")  # as the workers run on CPU
     # Our rows run as our workers do (digan/malloc.py on CPU); the baselines as the official code, with
     # glibc's default malloc.
     kept = not name.endswith("-baseline") and not default_malloc and configure_malloc(cfg, device)

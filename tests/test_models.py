@@ -13,7 +13,9 @@ from digan.config import load_config
 from digan.sampling import render_chunks, seed_latents
 from digan.models import (build_discriminators, build_generator, find_generator_file, load_generator,
                           motion_input, save_generator)
-from digan.models.layers import Conv2dLayer, _use_winograd, conv3x3_winograd, fir_filter, fir_filter_2d
+from digan.models import cpu_kernels
+from digan.models.cpu_kernels import conv3x3_winograd
+from digan.models.layers import fir_filter, fir_filter_2d
 
 # Official parameter counts (reference report §1.5, built from the official code at HEAD e822320).
 OFFICIAL_G = 63_538_706
@@ -302,10 +304,14 @@ def test_discriminator_with_winograd_layers_matches_official_and_r1():
     torch.manual_seed(6)
     D = build_discriminators(cfg)[0]
     x = torch.randn(4, 3, 16, 16)
-    assert _use_winograd(torch.empty(4, 384, 16, 16), D.blocks["b16"].conv0.weight)
+    wide = (torch.empty(4, 384, 16, 16), D.blocks["b16"].conv0.weight)
+    assert not cpu_kernels.enabled() and not cpu_kernels.applies(*wide)  # off unless switched on
+    cpu_kernels.enable()
+    assert cpu_kernels.applies(*wide)
+    cpu_kernels.enable(False)
 
     def r1(winograd: bool):
-        Conv2dLayer.winograd = winograd
+        cpu_kernels.enable(winograd)
         try:
             D.zero_grad()
             real = x.clone().requires_grad_(True)
@@ -316,10 +322,14 @@ def test_discriminator_with_winograd_layers_matches_official_and_r1():
             # (the output bias does not reach the input gradient: its grad stays None)
             return logits.detach(), penalty.detach(), [p.grad for p in D.parameters() if p.grad is not None]
         finally:
-            Conv2dLayer.winograd = True
+            cpu_kernels.enable(False)
 
     with torch.no_grad():
-        torch.testing.assert_close(D(x), ref_discriminator(D, x), rtol=1e-4, atol=1e-4)
+        cpu_kernels.enable()
+        try:
+            torch.testing.assert_close(D(x), ref_discriminator(D, x), rtol=1e-4, atol=1e-4)
+        finally:
+            cpu_kernels.enable(False)
     (l_w, p_w, g_w), (l_d, p_d, g_d) = r1(True), r1(False)
     assert len(g_w) == len(g_d) == len(list(D.parameters())) - 1
     torch.testing.assert_close(l_w, l_d, rtol=1e-4, atol=1e-5)

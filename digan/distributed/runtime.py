@@ -11,6 +11,7 @@ from digan.config import Config
 from digan.distributed import checkpoint as ckpt
 from digan.distributed.deepspeed import DeepSpeedUpdater, build_ds_config, initialize_engine
 from digan.distributed.utils import dist_mean, seed_everything, seed_for_rank
+from digan.models import cpu_kernels
 from digan.training import (EMA, DIGANLoss, DiscriminatorPair, build_ada_tuner, build_adam, d_reg_interval, train_step,
                             tune_ada)
 from digan.training.latents import KeyedLatentLoss, KeyedLatents
@@ -39,6 +40,7 @@ class GANRuntime:
 
         ds_config = build_ds_config(cfg.dist, self.batch_per_worker)
         _skip_shm_comm_build(device)
+        cpu_kernels.enable(device.type == "cpu")  # kernels for CPU speed (same function; see the module)
         g_opt = build_adam(G.parameters(), cfg.optim, cfg.loss.g_reg_interval)
         d_opt = build_adam(D.parameters(), cfg.optim, d_reg_interval(cfg.loss))
         self.g = DeepSpeedUpdater(initialize_engine(G, g_opt, ds_config, device), cfg.optim.grad_clamp)
