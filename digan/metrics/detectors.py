@@ -33,14 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from digan.config import DETECTORS, PROTOCOLS
+
 from .i3d import I3DWeightsError, load_i3d, sha256_file
 from .proxy import ProxyFrameNet, ProxyVideoNet
 
-PROTOCOLS = ("tfhub", "digan")
 # Protocol labels in detector names, which key the cached real features: a new label whenever a
 # protocol's output changes ("digan.v2": [-1, 1]; the first `digan` fed the I3D [-0.5, 0.5]).
 PROTOCOL_TAGS = {"tfhub": "tfhub", "digan": "digan.v2"}
-DETECTORS = ("i3d", "proxy")
 FID_INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 PROXY_INPUT_SIZE = 64  # px the proxy nets see (32..64 px training clips resize to this)
 

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-POLICIES = ("color", "translation", "cutout")
+from digan.config import DIFFAUG_POLICIES as POLICIES
 
 
 def _uniform(n: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

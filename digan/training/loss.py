@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from digan.config import LossConfig
+from digan.config import R1_SCHEDULES, LossConfig
 from digan.training.augment import AdaptiveAugment, DiffAugment, random_xflip
 
 Stats = dict[str, torch.Tensor]
@@ -83,9 +83,6 @@ def _fp32_up(x: torch.Tensor) -> torch.Tensor:
 def _grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
     """Per-sample squared L2 norm of a gradient, computed in at least fp32."""
     return _fp32_up(g).square().flatten(1).sum(1)
-
-
-R1_SCHEDULES = ("separate", "folded")
 
 
 class DIGANLoss:
