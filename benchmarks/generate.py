@@ -34,7 +34,7 @@ from digan.sampling import render_chunks, seed_latents, time_stamps, to_uint8  #
 
 def run_row(preset: str, num_frames: int, num_videos: int, max_frames: int, device: torch.device) -> dict:
     cfg = load_config(preset)
-    configure_malloc(cfg, device)  # as digan.generate does
+    configure_malloc(cfg.dist, device)  # as digan.generate does
     torch.manual_seed(0)
     G = build_generator(cfg.model).to(device).eval().requires_grad_(False)
     per_batch = max(1, min(num_videos, max_frames // num_frames))

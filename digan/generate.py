@@ -141,7 +141,7 @@ def _checkpoint_config(path: str) -> tuple[Path, Config]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     try:
         _check(args)
         if args.checkpoint is not None:
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  would write {outdir / stem(s, m)}.{{{','.join(args.formats)}}} (z_I seed {s}, z_M seed {m})")
         return 0
 
-    configure_malloc(cfg, device)
+    configure_malloc(cfg.dist, device)
     if source is not None:
         G, _ = load_generator(source, map_location=device)
     else:

@@ -48,7 +48,7 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-def configure_malloc(cfg, device) -> bool:
-    """`keep_freed_memory()` when `device` (a torch.device or its name) is the CPU and the run's
-    `dist.malloc_keep_freed` asks for it; what every CPU entry point calls. True where applied."""
-    return str(device).split(":")[0] == "cpu" and cfg.dist.malloc_keep_freed and keep_freed_memory()
+def configure_malloc(dist, device) -> bool:
+    """`keep_freed_memory()` when `device` (a torch.device or its name) is the CPU and `dist.malloc_keep_freed`
+    (a DistConfig) asks for it; what every CPU entry point calls. True where applied."""
+    return str(device).split(":")[0] == "cpu" and dist.malloc_keep_freed and keep_freed_memory()

@@ -99,4 +99,4 @@ def test_help_states_each_default_once(module, monkeypatch, capsys):
     if module == "digan.train":
         assert "(default: demo-32)" in text
     if module == "digan.evaluate":
-        assert "(default: 2048)" in text  # plain defaults still shown
+        assert "(default: 16)" in text  # plain defaults still shown

