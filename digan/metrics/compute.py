@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -202,77 +203,106 @@ def compute_metrics(
         raise ValueError(f"num_videos={num_videos}: need at least 2 videos per set")
     video_frames = sorted({t for _, kind, t in parsed if kind in ("fvd", "kvd")})
     want_fid = any(kind == "fid" for _, kind, _ in parsed)
-    fid_frames = 16
     video_det = build_video_detector(detector, protocol, device, i3d_weights, batch_size) if video_frames else None
     frame_det = build_frame_detector(detector, device, inception_weights, batch_size * 8) if want_fid else None
-    per_rank = -(-num_videos // world_size)
-    rank_videos = len(range(rank, num_videos, world_size))
-
-    # Real features: from the cache, else one pass over the real clips (per missing length if callable).
-    real: dict[str, np.ndarray] = {}
-    keys: dict[str, str] = {}
-    for t in video_frames:
-        keys[f"video{t}"] = _cache_key(dataset_key or "", video_det.name, num_videos, f"T={t}")
-    if want_fid:
-        keys["frames"] = _cache_key(dataset_key or "", frame_det.name, num_videos,
-                                    f"T={fid_frames},k={fid_frames_per_clip}")
-    if dataset_key is not None:
-        for k, key in keys.items():
-            cached = _load_cached(key, cache_dir)
-            if cached is not None:
-                real[k] = cached
-    if world_size > 1:
-        # Every rank must take part in the same real passes (they all-gather): a feature set missing
-        # on any rank (e.g. a rank restarted with an empty memory cache) is recomputed on all of them.
-        import torch.distributed as dist
-
-        everyone: list[Any] = [None] * world_size
-        dist.all_gather_object(everyone, sorted(set(keys) - set(real)))
-        for k in set().union(*map(set, everyone)):
-            real.pop(k, None)
-    missing_t = [t for t in video_frames if f"video{t}" not in real]
-    missing_fid = want_fid and "frames" not in real
-    if missing_t or missing_fid:
-        if callable(real_clips):
-            groups = sorted(set(missing_t) | ({fid_frames} if missing_fid else set()))
-            passes = [(real_clips(t), [t] if t in missing_t else [], missing_fid and t == fid_frames)
-                      for t in groups]
-        else:
-            passes = [(real_clips, missing_t, missing_fid)]
-        for it, ts, fid in passes:
-            got = _extract(it, per_rank if world_size > 1 else num_videos, video_det, ts,
-                           frame_det if fid else None, fid_frames, fid_frames_per_clip, "real", progress)
-            for k, v in got.items():
-                rows_per_clip = v.shape[0] // (per_rank if world_size > 1 else num_videos)
-                # Ranks read ceil(N / W) clips each: keep exactly N clips' rows.
-                real[k] = _gather_rows(v, world_size)[: num_videos * rows_per_clip]
-                if dataset_key is not None:  # memory cache on every rank, the disk file from rank 0
-                    det_name = frame_det.name if k == "frames" else video_det.name
-                    _store_cached(keys[k], real[k], cache_dir if rank == 0 else None,
-                                  {"dataset": dataset_key, "features": k, "detector": det_name,
-                                   "num_videos": num_videos})
+    job = _Job(video_det, frame_det, video_frames, want_fid, num_videos, fid_frames_per_clip, rank, world_size,
+               progress)
+    real = _real_features(job, real_clips, dataset_key, cache_dir)
 
     # Fake features: one pass over this rank's videos, rendered at the longest needed length.
     was_training = G.training
     G.eval()
     try:
-        longest = max(video_frames + ([fid_frames] if want_fid else []))
+        longest = max(video_frames + ([FID_FRAMES] if want_fid else []))
         fake_iter = iterate_fake_videos(G, num_videos, longest, seed, batch_size, clip_frames, rank, world_size)
-        fake = _extract(fake_iter, rank_videos, video_det, video_frames, frame_det, fid_frames,
-                        fid_frames_per_clip, "fake", progress)
+        fake = job.extract(fake_iter, len(range(rank, num_videos, world_size)), video_frames, want_fid, "fake")
     finally:
         G.train(was_training)
     fake = {k: _gather_rows(v, world_size) for k, v in fake.items()}
+    return _distances(parsed, real, fake, (video_det or frame_det).key_prefix, kvd_subsets)
 
-    prefix = (video_det or frame_det).key_prefix
+
+FID_FRAMES = 16  # FID reads frames of the first 16 of every clip
+
+
+@dataclass
+class _Job:
+    """What one `compute_metrics` call measures with, and how its work is split over ranks."""
+
+    video_det: VideoDetector | None
+    frame_det: FrameDetector | None
+    video_frames: list[int]
+    want_fid: bool
+    num_videos: int
+    fid_frames_per_clip: int | None
+    rank: int
+    world_size: int
+    progress: bool
+
+    @property
+    def per_rank(self) -> int:
+        """Real clips each rank reads: ceil(N / W) (all N in one process)."""
+        return -(-self.num_videos // self.world_size) if self.world_size > 1 else self.num_videos
+
+    def extract(self, clips, count: int, ts: list[int], fid: bool, what: str) -> dict[str, np.ndarray]:
+        return _extract(clips, count, self.video_det, ts, self.frame_det if fid else None, FID_FRAMES,
+                        self.fid_frames_per_clip, what, self.progress)
+
+
+def _real_features(job: _Job, real_clips: RealClips, dataset_key: str | None,
+                   cache_dir: str | None) -> dict[str, np.ndarray]:
+    """Real features: from the cache, else one pass over the real clips (per missing length if callable)."""
+    keys = {f"video{t}": _cache_key(dataset_key or "", job.video_det.name, job.num_videos, f"T={t}")
+            for t in job.video_frames}
+    if job.want_fid:
+        keys["frames"] = _cache_key(dataset_key or "", job.frame_det.name, job.num_videos,
+                                    f"T={FID_FRAMES},k={job.fid_frames_per_clip}")
+    real: dict[str, np.ndarray] = {}
+    if dataset_key is not None:
+        for k, key in keys.items():
+            cached = _load_cached(key, cache_dir)
+            if cached is not None:
+                real[k] = cached
+    if job.world_size > 1:
+        # Every rank must take part in the same real passes (they all-gather): a feature set missing
+        # on any rank (e.g. a rank restarted with an empty memory cache) is recomputed on all of them.
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * job.world_size
+        dist.all_gather_object(everyone, sorted(set(keys) - set(real)))
+        for k in set().union(*map(set, everyone)):
+            real.pop(k, None)
+    missing_t = [t for t in job.video_frames if f"video{t}" not in real]
+    missing_fid = job.want_fid and "frames" not in real
+    if not (missing_t or missing_fid):
+        return real
+    if callable(real_clips):
+        groups = sorted(set(missing_t) | ({FID_FRAMES} if missing_fid else set()))
+        passes = [(real_clips(t), [t] if t in missing_t else [], missing_fid and t == FID_FRAMES) for t in groups]
+    else:
+        passes = [(real_clips, missing_t, missing_fid)]
+    for it, ts, fid in passes:
+        for k, v in job.extract(it, job.per_rank, ts, fid, "real").items():
+            rows_per_clip = v.shape[0] // job.per_rank
+            # Ranks read ceil(N / W) clips each: keep exactly N clips' rows.
+            real[k] = _gather_rows(v, job.world_size)[: job.num_videos * rows_per_clip]
+            if dataset_key is not None:  # memory cache on every rank, the disk file from rank 0
+                det_name = job.frame_det.name if k == "frames" else job.video_det.name
+                _store_cached(keys[k], real[k], cache_dir if job.rank == 0 else None,
+                              {"dataset": dataset_key, "features": k, "detector": det_name,
+                               "num_videos": job.num_videos})
+    return real
+
+
+def _distances(parsed: list[tuple[str, str, int]], real: dict[str, np.ndarray], fake: dict[str, np.ndarray],
+               prefix: str, kvd_subsets: int) -> dict[str, float]:
+    """FD of Gaussian fits (FVD, FID) and the polynomial MMD (KVD) of the real and fake features."""
     out: dict[str, float] = {}
     for name, kind, t in parsed:
-        if kind == "fid":
-            a, b = FeatureStats.from_features(real["frames"]), FeatureStats.from_features(fake["frames"])
-            out[prefix + name] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
-        elif kind == "fvd":
-            a, b = FeatureStats.from_features(real[f"video{t}"]), FeatureStats.from_features(fake[f"video{t}"])
-            out[prefix + name] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+        key = "frames" if kind == "fid" else f"video{t}"
+        if kind == "kvd":
+            out[prefix + name] = kernel_distance(fake[key], real[key], kvd_subsets)[0]
         else:
-            out[prefix + name] = kernel_distance(fake[f"video{t}"], real[f"video{t}"], kvd_subsets)[0]
+            a, b = FeatureStats.from_features(real[key]), FeatureStats.from_features(fake[key])
+            out[prefix + name] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
     return out
