@@ -216,7 +216,7 @@ def main() -> int:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"weak scaling, {args.preset}, {args.batch_per_worker} pairs per worker, ZeRO-{args.zero_stage} "
           f"{args.precision}, {args.steps} steps per row, device: {device}", flush=True)
-    from digan.train import init_ray
+    from digan.distributed.cluster import init_ray
 
     # One cluster for all rows (RAY_ADDRESS, else a local one with a CPU slot for every worker of the largest row).
     init_ray(load_config(args.preset, [f"dist.num_workers={max(args.workers)}", f"dist.cpus_per_worker={args.threads}",

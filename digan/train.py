@@ -14,7 +14,6 @@ workers to checkpoint at the next step boundary and exit; a second signal aborts
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -23,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from digan.config import Config, add_config_args, config_from_args, dump_yaml, to_dict
+from digan.distributed.cluster import StopFlag, init_ray, quiet_ray_false_alarms, startup_retries, worker_env
 from digan.storage import display_path, is_s3, join
 
 
@@ -60,88 +60,6 @@ def _steps(kimg: float, batch: int) -> int:
     return -(-int(round(kimg * 1000)) // batch)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Stop requests: a signal in the driver sets a flag in a tiny actor that rank 0 polls every step.
-
-
-class _StopFlag:
-    def __init__(self) -> None:
-        self._set = False
-
-    def set(self) -> None:
-        self._set = True
-
-    def is_set(self) -> bool:
-        return self._set
-
-
-def _worker_env(use_gpu: bool) -> dict[str, str]:
-    """Environment every worker needs (DeepSpeed's accelerator; the same Ray auth mode as the driver)."""
-    # RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train V2 reroutes print() through logging, which showed every
-    # progress line twice on the driver; plain stdout is forwarded by Ray once.
-    env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    for k in ("RAY_AUTH_MODE", "DS_ACCELERATOR"):
-        if k in os.environ:
-            env.setdefault(k, os.environ[k])
-    return env
-
-
-# Ray Train V2's controller starts a PreemptionWatcher actor (max_restarts=-1) with the Train workers' actor
-# handles as constructor arguments, and Ray core logs that at ERROR level in every run ("core_worker.cc: Actor
-# with class name: 'PreemptionWatcher' ... has constructor arguments in the object store and max_restarts > 0",
-# ray-project/ray#53727) although the run is fine: any actor handle passed to a restartable actor's constructor
-# triggers it (the handles are not data that can be lost), and nothing of ours reaches that actor. The watcher
-# itself is kept: it is how Ray Train notices node drains (spot/autoscaler preemption).
-# Ray's documented RAY_DEDUP_LOGS_SKIP_REGEX drops exactly that line from the driver's console; it stays in the
-# controller's log file. Ray reads the variable when it is first imported in this process.
-_RAY_FALSE_ALARM = r"Actor with class name: 'PreemptionWatcher' .*has constructor arguments in the object store"
-
-
-def quiet_ray_false_alarms() -> None:
-    """Keep Ray's known false-alarm ERROR line off the console; call before this process imports ray."""
-    current = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX")
-    if not current:
-        os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = _RAY_FALSE_ALARM
-    elif _RAY_FALSE_ALARM not in current:
-        os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = f"{current}|{_RAY_FALSE_ALARM}"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_ray(cfg: Config) -> None:
-    """Attach to `dist.ray_address` / RAY_ADDRESS, else start a new local cluster bound to 127.0.0.1."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    # address="local": never attach by accident to another cluster `ray start`ed on this machine.
-    # Ray Train's placement-group cleaner and Tune find the state API through RAY_API_SERVER_ADDRESS; without it
-    # they guess by scanning local processes, which fails (and leaks placement groups, hanging the next run)
-    # as soon as a second Ray instance runs on the machine. So pin the dashboard port and tell every process.
-    port = _free_port()
-    ray.init(
-        address="local",
-        # Enough CPU slots for the workers even on a small laptop.
-        num_cpus=max(os.cpu_count() or 1, cfg.dist.num_workers * cfg.dist.cpus_per_worker),
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-    )
-
-
 class LaunchError(RuntimeError):
     """A problem found on the driver before any worker starts (one line, naming the key)."""
 
@@ -150,23 +68,12 @@ class RunError(RuntimeError):
     """The run could not go on (one line that says why); its checkpoints stay where they are."""
 
 
-# Ray Train gives a worker group this long to start (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S in the
-# controller's environment, 60 s by default), then retries the start as a controller failure.
-WORKER_START_TIMEOUT_S = 60.0
-
-
-def startup_retries(worker_wait_s: float) -> int:
-    """Ray's controller_failure_limit for `dist.worker_wait_s` (Ray's default, -1, retries forever: a run whose
-    node is gone for good would sit in RUNNING, its controller logging startup timeouts)."""
-    return -1 if worker_wait_s <= 0 else max(1, math.ceil(worker_wait_s / WORKER_START_TIMEOUT_S))
-
-
-def _explain(error: BaseException, cfg: Config) -> BaseException:
+def _explain(error: BaseException, cfg: Config, use_gpu: bool) -> BaseException:
     """Ray Train's startup-timeout failure as one line; any other error as it is."""
     cause = getattr(error, "controller_failure", None)
     if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
         need = f"{cfg.dist.num_workers} workers x {cfg.dist.cpus_per_worker} CPU"
-        return RunError(f"could not start {need}{' + 1 GPU' if cfg.dist.use_gpu else ''} for "
+        return RunError(f"could not start {need}{' + 1 GPU' if use_gpu else ''} for "
                         f"{cfg.dist.worker_wait_s:g} s (dist.worker_wait_s): the cluster has too few free "
                         "resources (a lost node?); the run resumes from its last checkpoint when resubmitted")
     return error
@@ -202,11 +109,8 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
     `callbacks` are Ray Train `UserCallback`s (the sweep passes Tune's `TuneReportCallback`)."""
     quiet_ray_false_alarms()
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from digan.distributed import checkpoint as ckpt
-    from digan.distributed.worker import train_loop_per_worker
 
     if cfg.data.source == "demo":
         # Build the demo shards here, once, with the user watching; workers on this node find them.
@@ -215,18 +119,29 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
         print(f"demo data: {ensure_demo_shards(cfg.data, cfg.model.resolution)}", flush=True)
     check_storage(cfg.train.storage_path)
     check_data(cfg)
-
     fs, storage_fs_path = ckpt.resolve_storage(cfg.train.storage_path, cfg.data.s3_endpoint_url, cfg.data.s3_region)
     init_ray(cfg)
     use_gpu = cfg.dist.use_gpu if cfg.dist.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     # The stop flag lives on the driver's node: nothing the workers depend on may die with another node.
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    stop_flag = ray.remote(num_cpus=0)(_StopFlag).options(scheduling_strategy=here).remote()
+    stop_flag = ray.remote(num_cpus=0)(StopFlag).options(scheduling_strategy=here).remote()
+    trainer = _trainer(cfg, fs, storage_fs_path, use_gpu, stop_flag, callbacks)
+    print(plan(cfg), flush=True)
+    result, stopped = _fit(trainer, stop_flag, handle_signals, cfg, use_gpu)
+    return _outcome(fs, f"{storage_fs_path}/{cfg.train.run_name}", result.metrics or {}, stopped)
 
-    trainer = TorchTrainer(
+
+def _trainer(cfg: Config, fs, storage_fs_path: str, use_gpu: bool, stop_flag, callbacks: list | None):
+    """The Ray Train TorchTrainer of the run: workers, storage, checkpoints kept, failure limits."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from digan.distributed.worker import train_loop_per_worker
+
+    resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "stop_flag": stop_flag},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -239,19 +154,23 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures,
                                          controller_failure_limit=startup_retries(cfg.dist.worker_wait_s)),
             callbacks=list(callbacks or []),
-            worker_runtime_env={"env_vars": _worker_env(use_gpu)},
+            worker_runtime_env={"env_vars": worker_env(use_gpu)},
             # Ray Train's per-report INFO lines would drown our progress line.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    print(plan(cfg), flush=True)
 
-    # fit() runs in a thread so that the main thread stays free to receive signals (ray.init replaced
-    # the SIGTERM handler with sys.exit, which would kill the run without a checkpoint).
+
+def _fit(trainer, stop_flag, handle_signals: bool, cfg: Config, use_gpu: bool):
+    """trainer.fit() in a thread, so that the main thread stays free to receive signals (ray.init replaced the
+    SIGTERM handler with sys.exit, which would kill the run without a checkpoint). The first SIGTERM/SIGINT
+    raises the stop flag (the workers checkpoint and exit), a second one aborts. Returns (result, stopped)."""
+    import ray
+
     box: dict = {}
     requested = threading.Event()
 
-    def _fit() -> None:
+    def _run() -> None:
         try:
             box["result"] = trainer.fit()
         except BaseException as e:  # re-raised in the main thread
@@ -269,7 +188,7 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
     if handle_signals and threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, signal.SIGINT):
             previous[s] = signal.signal(s, _on_signal)
-    thread = threading.Thread(target=_fit, name="digan-fit", daemon=True)
+    thread = threading.Thread(target=_run, name="digan-fit", daemon=True)
     thread.start()
     try:
         flagged = False
@@ -282,12 +201,14 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
         for s, h in previous.items():
             signal.signal(s, h)
     if "error" in box:
-        raise _explain(box["error"], cfg) from None
-    result = box["result"]
+        raise _explain(box["error"], cfg, use_gpu) from None
+    return box["result"], requested.is_set()
 
-    run_fs_path = f"{storage_fs_path}/{cfg.train.run_name}"
+
+def _outcome(fs, run_fs_path: str, metrics: dict, stopped: bool) -> TrainOutcome:
+    from digan.distributed import checkpoint as ckpt
+
     latest = ckpt.find_latest(fs, run_fs_path)
-    metrics = result.metrics or {}
     samples = _latest_sample(fs, run_fs_path)
     return TrainOutcome(
         run_dir=display_path(fs, run_fs_path),
@@ -296,7 +217,7 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
         kimg=float(metrics["kimg"]) if "kimg" in metrics else None,
         tensorboard=display_path(fs, f"{run_fs_path}/tensorboard"),
         sample_video=display_path(fs, samples) if samples else None,
-        stopped=requested.is_set(),
+        stopped=stopped,
     )
 
 

@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         print(f"results in {storage_path}/{args.name}; Optuna storage: {args.study_storage or 'in memory'}")
         return 0
 
-    from digan.train import quiet_ray_false_alarms
+    from digan.distributed.cluster import quiet_ray_false_alarms
 
     quiet_ray_false_alarms()  # before ray is imported here
     from ray import tune
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     from ray.tune.search.optuna import OptunaSearch
     import optuna
 
-    from digan.train import init_ray
+    from digan.distributed.cluster import init_ray
 
     init_ray(base)
     sweep_path = f"{storage_path.rstrip('/')}/{args.name}"

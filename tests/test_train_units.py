@@ -210,7 +210,7 @@ def test_ray_false_alarm_filter_drops_only_the_preemption_watcher_line(monkeypat
     that line through Ray's RAY_DEDUP_LOGS_SKIP_REGEX (kept alongside a user's own pattern)."""
     import re
 
-    from digan.train import quiet_ray_false_alarms
+    from digan.distributed.cluster import quiet_ray_false_alarms
 
     monkeypatch.setenv("RAY_DEDUP_LOGS_SKIP_REGEX", "mine")
     quiet_ray_false_alarms()
