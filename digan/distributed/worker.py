@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -105,31 +106,56 @@ def _quiet_report_logs() -> None:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point on every rank. `loop_config = {"config": to_dict(cfg), "stop_flag": actor}`."""
+    _quiet_report_logs()
+    cfg = from_dict(loop_config["config"])
+    ckpt.clean_stale_staging()
+    run = _start(cfg)
+    stopper = StopPoller(loop_config.get("stop_flag"), run.rank)
+    keys_log = None
+    if cfg.train.log_data_keys:  # which clips each step saw, per rank (an audit; local storage only)
+        if not run.logger.is_local:
+            raise ValueError("train.log_data_keys: needs a local train.storage_path")
+        os.makedirs(run.logger.run_fs_path, exist_ok=True)
+        keys_log = open(os.path.join(run.logger.run_fs_path, f"data_keys-rank{run.rank}.jsonl"), "a", buffering=1)
+    try:
+        _loop(cfg, run, stopper, keys_log)
+    finally:
+        run.logger.close()
+        if keys_log is not None:
+            keys_log.close()
+
+
+@dataclass
+class _Run:
+    """One rank's part of the run: who it is, its engines, counters, data and (rank 0) outputs."""
+
+    rank: int
+    world_size: int
+    rt: GANRuntime
+    state: TrainState
+    loader: Any
+    logger: RunLogger
+
+
+def _start(cfg: Config) -> _Run:
+    """Rank and device, run outputs, engines, this rank's data; resumed from Ray's latest registered checkpoint
+    (a retry after a failure, or a rerun of the name)."""
     import ray.train
     import ray.train.torch
 
-    _quiet_report_logs()
+    from digan.data import build_pair_loader
 
-    cfg = from_dict(loop_config["config"])
-    ckpt.clean_stale_staging()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg.dist.cpus_per_worker)
     configure_malloc(cfg.dist, device)
-    storage = ctx.get_storage()
-    logger = RunLogger(cfg, storage, enabled=rank == 0)
+    logger = RunLogger(cfg, ctx.get_storage(), enabled=rank == 0)
     rt = GANRuntime(cfg, rank, world_size, device)
     state = TrainState()
-
-    # Data: this rank's shard stream (resampled or exact epochs: every rank runs the same number of steps).
-    from digan.data import build_pair_loader
-
-    loader = build_pair_loader(cfg.data, cfg.model.resolution, rt.batch_per_worker, rank, world_size,
-                               cfg.train.seed)
-
-    # Resume from Ray's latest registered checkpoint (a retry after a failure, or a rerun of the name).
+    # This rank's shard stream (resampled or exact epochs: every rank runs the same number of steps).
+    loader = build_pair_loader(cfg.data, cfg.model.resolution, rt.batch_per_worker, rank, world_size, cfg.train.seed)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -140,69 +166,72 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"resumed from {checkpoint.path} at step {state.step} (kimg {state.cur_nimg / 1000:.3f})",
                   flush=True)
     rt.step, rt.cur_nimg = state.step, state.cur_nimg
+    return _Run(rank, world_size, rt, state, loader, logger)
 
-    stopper = StopPoller(loop_config.get("stop_flag"), rank)
+
+def _loop(cfg: Config, run: _Run, stopper: StopPoller, keys_log) -> None:
+    """Steps until train.total_kimg (or a stop request). Every boundary decision (log, checkpoint, sample,
+    metrics, stop) is a function of the step count and of flags all-reduced from rank 0, so every rank takes
+    the same branches and calls `ray.train.report` (a barrier) the same number of times."""
+    rt, state, loader, logger = run.rt, run.state, run.loader, run.logger
     total_nimg = int(round(cfg.train.total_kimg * 1000))
     batches = _endless(loader)
     window = _Window()
     last_ckpt = time.monotonic()  # train.checkpoint_minutes counts from here and from every checkpoint
-    keys_log = None
-    if cfg.train.log_data_keys:
-        if not logger.is_local:
-            raise ValueError("train.log_data_keys: needs a local train.storage_path")
-        os.makedirs(logger.run_fs_path, exist_ok=True)
-        keys_log = open(os.path.join(logger.run_fs_path, f"data_keys-rank{rank}.jsonl"), "a", buffering=1)
-    try:
-        while state.cur_nimg < total_nimg:
-            t0 = time.perf_counter()
-            real_pair, real_dt = next(batches)
-            t_data = time.perf_counter() - t0
-            stats = rt.train_step(real_pair, real_dt)
-            prev_nimg = state.cur_nimg
-            state.step, state.cur_nimg = rt.step, rt.cur_nimg
-            if keys_log is not None:  # which clips each step saw, per rank (an audit; local storage only)
-                keys_log.write(json.dumps({"step": state.step, "epoch": loader.epoch,
-                                           "restarts": len(state.resumed_from), "keys": loader.last_keys}) + "\n")
-            window.add(stats, t_data)
-
-            # Rank 0's wall clock decides time-based checkpoints (shared with the stop flag's all-reduce).
-            minutes = cfg.train.checkpoint_minutes
-            stop, time_due = stopper.should_stop(minutes > 0 and time.monotonic() - last_ckpt >= 60 * minutes)
-            done = state.cur_nimg >= total_nimg
-            due_ckpt = done or stop or time_due or _crossed(prev_nimg, state.cur_nimg, cfg.train.checkpoint_kimg)
-            due_metrics = bool(cfg.metrics.metrics) and not stop and (
-                done or _crossed(prev_nimg, state.cur_nimg, cfg.metrics.interval_kimg))
-            due_log = due_ckpt or due_metrics or state.step % cfg.train.log_every_steps == 0
-            if (done or _crossed(prev_nimg, state.cur_nimg, cfg.train.sample_kimg)) and not stop:
-                logger.write_samples(rt.G_ema, state.step)
-            if not due_log:
-                continue
-
-            metrics = window.reduce(loader, cfg.train.batch_size)
-            # Divergence fails the run loudly (a sweep records the trial as failed) instead of training on
-            # garbage: the means are all-reduced, so every rank raises at the same step.
-            bad = sorted(k for k in ("loss_D", "loss_G", "r1") if k in metrics and not math.isfinite(metrics[k]))
-            if bad:
-                raise FloatingPointError(f"training diverged: non-finite {', '.join(bad)} around step {state.step} "
-                                         f"(kimg {state.cur_nimg / 1000:.3f}); lower optim.lr or loss.r1_gamma")
-            metrics.update(step=state.step, kimg=state.cur_nimg / 1000, restarts=len(state.resumed_from))
-            if due_metrics:
-                metrics.update(_compute_metrics(cfg, rt, rank, world_size))
-            logger.log(state.step, metrics)
-            if due_ckpt:
-                state.stopped_by_signal = stop
-                save_checkpoint(cfg, rt, state, loader, logger, metrics, rank, world_size)
-                last_ckpt = time.monotonic()
-            else:
-                ray.train.report(metrics)
-            if stop:
-                if rank == 0:
-                    print(f"stop requested (SIGTERM): checkpointed at step {state.step}; rerun to resume", flush=True)
-                return
-    finally:
-        logger.close()
+    while state.cur_nimg < total_nimg:
+        t0 = time.perf_counter()
+        real_pair, real_dt = next(batches)
+        t_data = time.perf_counter() - t0
+        stats = rt.train_step(real_pair, real_dt)
+        prev_nimg = state.cur_nimg
+        state.step, state.cur_nimg = rt.step, rt.cur_nimg
         if keys_log is not None:
-            keys_log.close()
+            keys_log.write(json.dumps({"step": state.step, "epoch": loader.epoch,
+                                       "restarts": len(state.resumed_from), "keys": loader.last_keys}) + "\n")
+        window.add(stats, t_data)
+
+        # Rank 0's wall clock decides time-based checkpoints (shared with the stop flag's all-reduce).
+        minutes = cfg.train.checkpoint_minutes
+        stop, time_due = stopper.should_stop(minutes > 0 and time.monotonic() - last_ckpt >= 60 * minutes)
+        done = state.cur_nimg >= total_nimg
+        due_ckpt = done or stop or time_due or _crossed(prev_nimg, state.cur_nimg, cfg.train.checkpoint_kimg)
+        due_metrics = bool(cfg.metrics.metrics) and not stop and (
+            done or _crossed(prev_nimg, state.cur_nimg, cfg.metrics.interval_kimg))
+        if (done or _crossed(prev_nimg, state.cur_nimg, cfg.train.sample_kimg)) and not stop:
+            logger.write_samples(rt.G_ema, state.step)
+        if not (due_ckpt or due_metrics or state.step % cfg.train.log_every_steps == 0):
+            continue
+        _report(cfg, run, window, due_metrics, due_ckpt, stop)
+        if due_ckpt:
+            last_ckpt = time.monotonic()
+        if stop:
+            if run.rank == 0:
+                print(f"stop requested (SIGTERM): checkpointed at step {state.step}; rerun to resume", flush=True)
+            return
+
+
+def _report(cfg: Config, run: _Run, window: "_Window", due_metrics: bool, due_ckpt: bool, stop: bool) -> None:
+    """A log step: the window's means (all-reduced), metrics when due, the log line, then a checkpoint or a
+    plain `ray.train.report`."""
+    import ray.train
+
+    state = run.state
+    metrics = window.reduce(run.loader, cfg.train.batch_size)
+    # Divergence fails the run loudly (a sweep records the trial as failed) instead of training on
+    # garbage: the means are all-reduced, so every rank raises at the same step.
+    bad = sorted(k for k in ("loss_D", "loss_G", "r1") if k in metrics and not math.isfinite(metrics[k]))
+    if bad:
+        raise FloatingPointError(f"training diverged: non-finite {', '.join(bad)} around step {state.step} "
+                                 f"(kimg {state.cur_nimg / 1000:.3f}); lower optim.lr or loss.r1_gamma")
+    metrics.update(step=state.step, kimg=state.cur_nimg / 1000, restarts=len(state.resumed_from))
+    if due_metrics:
+        metrics.update(_compute_metrics(cfg, run.rt, run.rank, run.world_size))
+    run.logger.log(state.step, metrics)
+    if due_ckpt:
+        state.stopped_by_signal = stop
+        save_checkpoint(cfg, run.rt, state, run.loader, run.logger, metrics, run.rank, run.world_size)
+    else:
+        ray.train.report(metrics)
 
 
 class _Window:
