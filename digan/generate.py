@@ -27,6 +27,7 @@ import math
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -152,8 +153,51 @@ def main(argv: list[str] | None = None) -> int:
         msg = f"bad checkpoint: {e}" if isinstance(e, KeyError) else str(e)
         print(f"digan-generate: error: {msg}", file=sys.stderr)
         return 2
+    plan = _plan(args, cfg, source)
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        for s, m in plan.jobs:
+            print(f"  would write {plan.outdir / plan.stem(s, m)}.{{{','.join(args.formats)}}} "
+                  f"(z_I seed {s}, z_M seed {m})")
+        return 0
+    configure_malloc(cfg.dist, plan.device)
+    if source is not None:
+        G, _ = load_generator(source, map_location=plan.device)
+    else:
+        torch.manual_seed(cfg.train.seed)
+        G = build_generator(cfg.model).to(plan.device).eval().requires_grad_(False)
+    plan.outdir.mkdir(parents=True, exist_ok=True)
+    start_time = time.perf_counter()
+    bar = tqdm(total=len(plan.jobs) * args.num_frames, unit="frame", desc="rendering", file=sys.stderr)
+    written: list[Path] = []
+    for b0 in range(0, len(plan.jobs), plan.per_batch):
+        written += _render_batch(G, args, plan, plan.jobs[b0: b0 + plan.per_batch], bar)
+    bar.close()
+    elapsed = time.perf_counter() - start_time
+    total = len(plan.jobs) * args.num_frames
+    print(f"wrote {len(written)} files to {plan.outdir}/ ({total} frames in {elapsed:.1f} s, "
+          f"{total / elapsed:.1f} frames/s)")
+    return 0
 
-    # The plan: (content seed, motion seed) per video, and how they are batched and chunked.
+
+@dataclass
+class _Plan:
+    """(content seed, motion seed) per video, how they are batched and chunked, where they go."""
+
+    jobs: list[tuple[int, int]]
+    per_batch: int
+    chunk: int
+    device: torch.device
+    outdir: Path
+    named_by_motion: bool
+    times: torch.Tensor
+
+    def stem(self, s: int, m: int) -> str:
+        return f"seed{s:04d}-motion{m:04d}" if self.named_by_motion else f"seed{s:04d}"
+
+
+def _plan(args: argparse.Namespace, cfg: Config, source: Path | None) -> _Plan:
+    """The plan of the run, printed."""
     if args.motion_list is None:
         jobs = [(s, s) for s in args.seed_list]
     else:
@@ -163,67 +207,43 @@ def main(argv: list[str] | None = None) -> int:
     side = cfg.model.resolution * args.scale
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     outdir = Path(args.outdir)
-
-    def stem(s: int, m: int) -> str:
-        return f"seed{s:04d}" if args.motion_list is None else f"seed{s:04d}-motion{m:04d}"
-
     model_desc = (f"checkpoint {source}" if source is not None else
                   f"FRESH UNTRAINED generator from config {args.config!r} (smoke test: the videos are noise-like)")
-    t_all = time_stamps(args.num_frames, args.t_start, args.t_end)
     print(f"model: {model_desc}")
     print(f"plan: {len(jobs)} videos x {args.num_frames} frames of {side}x{side} (scale {args.scale}), "
           f"t from {args.t_start:g} to {args.t_end:g}, formats {','.join(args.formats)} -> {outdir}/")
     print(f"      {per_batch} videos per batch, chunks of {chunk} frames (<= {per_batch * chunk} frames in memory), "
           f"device {device}")
-    if args.dry_run:
-        print(dump_yaml(cfg), end="")
-        for s, m in jobs:
-            print(f"  would write {outdir / stem(s, m)}.{{{','.join(args.formats)}}} (z_I seed {s}, z_M seed {m})")
-        return 0
+    return _Plan(jobs, per_batch, chunk, device, outdir, args.motion_list is not None,
+                 time_stamps(args.num_frames, args.t_start, args.t_end))
 
-    configure_malloc(cfg.dist, device)
-    if source is not None:
-        G, _ = load_generator(source, map_location=device)
-    else:
-        torch.manual_seed(cfg.train.seed)
-        G = build_generator(cfg.model).to(device).eval().requires_grad_(False)
-    outdir.mkdir(parents=True, exist_ok=True)
 
-    written: list[Path] = []
-    start_time = time.perf_counter()
-    bar = tqdm(total=len(jobs) * args.num_frames, unit="frame", desc="rendering", file=sys.stderr)
-    for b0 in range(0, len(jobs), per_batch):
-        batch = jobs[b0: b0 + per_batch]
-        z, z_motion = seed_latents([s for s, _ in batch], G.z_dim, G.motion_z_dim, [m for _, m in batch])
-        mp4s = [Mp4Writer(outdir / f"{stem(s, m)}.mp4", args.fps) for s, m in batch] if "mp4" in args.formats else []
-        keep = [[] for _ in batch] if ("gif" in args.formats or "png" in args.formats) else None
-        try:
-            for _, frames in render_chunks(G, z, z_motion, t_all, args.scale, chunk, args.trunc):
-                frames_u8 = to_uint8(frames)  # [B, Tc, H, W, 3]
-                for i in range(len(batch)):
-                    if mp4s:
-                        mp4s[i].write(frames_u8[i])
-                    if keep is not None:
-                        keep[i].append(frames_u8[i])
-                bar.update(frames_u8.shape[0] * frames_u8.shape[1])
-        finally:
-            for w in mp4s:
-                w.close()
-        written += [w.path for w in mp4s]
-        for i, (s, m) in enumerate(batch):
-            if keep is None:
-                continue
-            video = torch.cat(keep[i])
-            if "gif" in args.formats:
-                written.append(write_gif(outdir / f"{stem(s, m)}.gif", video, args.fps))
-            if "png" in args.formats:
-                written.append(write_png(outdir / f"{stem(s, m)}.png",
-                                         frame_grid(video, num_cols=min(len(video), 8))))
-    bar.close()
-    elapsed = time.perf_counter() - start_time
-    total = len(jobs) * args.num_frames
-    print(f"wrote {len(written)} files to {outdir}/ ({total} frames in {elapsed:.1f} s, {total / elapsed:.1f} frames/s)")
-    return 0
+def _render_batch(G, args: argparse.Namespace, plan: _Plan, batch: list[tuple[int, int]], bar) -> list[Path]:
+    """Render one batch of videos chunk by chunk: mp4s stream, gif/png keep the frames. Returns the files."""
+    z, z_motion = seed_latents([s for s, _ in batch], G.z_dim, G.motion_z_dim, [m for _, m in batch])
+    names = [plan.outdir / plan.stem(s, m) for s, m in batch]
+    mp4s = [Mp4Writer(n.with_suffix(".mp4"), args.fps) for n in names] if "mp4" in args.formats else []
+    keep = [[] for _ in batch] if ("gif" in args.formats or "png" in args.formats) else None
+    try:
+        for _, frames in render_chunks(G, z, z_motion, plan.times, args.scale, plan.chunk, args.trunc):
+            frames_u8 = to_uint8(frames)  # [B, Tc, H, W, 3]
+            for i in range(len(batch)):
+                if mp4s:
+                    mp4s[i].write(frames_u8[i])
+                if keep is not None:
+                    keep[i].append(frames_u8[i])
+            bar.update(frames_u8.shape[0] * frames_u8.shape[1])
+    finally:
+        for w in mp4s:
+            w.close()
+    written = [w.path for w in mp4s]
+    for i, name in enumerate(names if keep is not None else []):
+        video = torch.cat(keep[i])
+        if "gif" in args.formats:
+            written.append(write_gif(name.with_suffix(".gif"), video, args.fps))
+        if "png" in args.formats:
+            written.append(write_png(name.with_suffix(".png"), frame_grid(video, num_cols=min(len(video), 8))))
+    return written
 
 
 if __name__ == "__main__":
