@@ -28,91 +28,10 @@ if __package__ in (None, ""):  # `python sweeps/tune_freq.py` from a checkout: m
 
 import yaml
 
-from digan.config import Config, ConfigError, add_config_args, config_from_args, dump_yaml, from_dict, set_override, to_dict
-from digan.storage import join, resolve
-
-DEFAULT_SPACE = {
-    "model.sigma_t": {"type": "loguniform", "low": 0.03, "high": 3.0},
-    "loss.r1_gamma": {"type": "loguniform", "low": 0.01, "high": 30.0},
-}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Search space: dotted config keys -> Optuna distributions.
-
-
-def parse_param(spec: str) -> tuple[str, dict[str, Any]]:
-    """`model.sigma_t=loguniform:0.03:3` | `uniform:a:b` | `int:a:b` | `choice:a,b,c` -> (key, dict)."""
-    if "=" not in spec:
-        raise ConfigError(f"--param {spec!r}: expected key=dist:low:high (e.g. model.sigma_t=loguniform:0.03:3)")
-    key, dist = spec.split("=", 1)
-    kind, _, rest = dist.partition(":")
-    if kind == "choice":
-        values = [yaml.safe_load(v) for v in rest.split(",") if v]
-        if not values:
-            raise ConfigError(f"--param {spec!r}: choice needs at least one value")
-        return key, {"type": "choice", "values": values}
-    parts = rest.split(":")
-    if kind not in ("loguniform", "uniform", "int") or len(parts) != 2:
-        raise ConfigError(f"--param {spec!r}: expected loguniform|uniform|int:low:high or choice:a,b,c")
-    try:
-        low, high = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise ConfigError(f"--param {spec!r}: low and high must be numbers") from None
-    return key, {"type": kind, "low": low, "high": high}
-
-
-def build_distributions(space: dict[str, dict[str, Any]], base: Config):
-    """Check every key against the config tree and turn the space into Optuna distributions."""
-    import optuna.distributions as od
-
-    out = {}
-    for key, d in space.items():
-        kind = d.get("type")
-        probe = from_dict(to_dict(base))
-        if kind == "choice":
-            values = list(d["values"])
-            for v in values:  # fails with one line on an unknown key or a value of the wrong type
-                set_override(probe, f"{key}={yaml.safe_dump(v, default_flow_style=True).strip()}")
-            out[key] = od.CategoricalDistribution(values)
-            continue
-        low, high = float(d["low"]), float(d["high"])
-        if not low < high:
-            raise ConfigError(f"search space {key}: low={low} must be < high={high}")
-        if kind == "loguniform" and low <= 0:
-            raise ConfigError(f"search space {key}: log-uniform needs low > 0 (got {low})")
-        set_override(probe, f"{key}={int(low) if kind == 'int' else low}")
-        if kind == "int":
-            out[key] = od.IntDistribution(int(low), int(high))
-        elif kind in ("loguniform", "uniform"):
-            out[key] = od.FloatDistribution(low, high, log=kind == "loguniform")
-        else:
-            raise ConfigError(f"search space {key}: unknown type {kind!r} (loguniform, uniform, int, choice)")
-    return out
-
-
-def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
-    """The base config with one trial's sampled values applied (validated)."""
-    cfg = from_dict(base)
-    for key, value in params.items():
-        set_override(cfg, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
-    return cfg.validate()
-
-
-def make_study_storage(spec: str | None):
-    """Optuna storage the user can inspect/resume with Optuna's tools: *.db/*.sqlite, a journal file, or a URL."""
-    if not spec:
-        return None
-    import optuna
-
-    if "://" in spec:
-        return optuna.storages.RDBStorage(spec)
-    path = Path(spec).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix in (".db", ".sqlite", ".sqlite3"):
-        return optuna.storages.RDBStorage(f"sqlite:///{path}")
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-
+from digan.config import Config, ConfigError, add_config_args, config_from_args, dump_yaml, to_dict
+from digan.storage import is_s3, join, resolve
+from sweeps.results import print_table, trials_table
+from sweeps.space import DEFAULT_SPACE, build_distributions, make_study_storage, parse_param, trial_config
 
 # ----------------------------------------------------------------------------------------------------
 # The trial: a Tune function trainable that drives one Ray Train run (Train V2 pattern).
@@ -142,59 +61,6 @@ def run_trial(config: dict[str, Any]) -> None:
     # A deterministic Train run name: a trial re-run after `--resume` continues from its Train checkpoint.
     cfg.train.run_name = f"train-{trial_name}"
     launch(cfg, handle_signals=False, callbacks=[MetricReportCallback()])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Results.
-
-
-def trial_statuses(result_grid) -> list[str]:
-    """Tune's own status of each trial, in the grid's order (TERMINATED, ERROR, RUNNING, PENDING, PAUSED)."""
-    analysis = getattr(result_grid, "_experiment_analysis", None)  # ResultGrid exposes only the counts
-    if analysis is None:
-        return ["TERMINATED" if not r.error else "ERROR" for r in result_grid]
-    return [t.status for t in analysis.trials]
-
-
-def trials_table(result_grid, metric: str, keys: list[str], max_kimg: float) -> list[dict[str, Any]]:
-    """One row per trial: its parameters, its last reported metric, how far it got and how it ended."""
-    rows = []
-    for r, tune_status in zip(result_grid, trial_statuses(result_grid)):
-        cfg, last = r.config or {}, r.metrics or {}
-        kimg = last.get("kimg")
-        if r.error:
-            status = "ERROR"
-        elif tune_status not in ("TERMINATED", "ERROR"):
-            status = "UNFINISHED"  # interrupted (or never started): `--resume` runs it
-        elif kimg is not None and kimg < max_kimg - 1e-9:
-            status = "STOPPED"  # by ASHA, before the end of its training
-        else:
-            status = "TERMINATED"
-        rows.append({
-            "trial": last.get("trial_id") or (r.path or "").rstrip("/").split("/")[-1],
-            **{k: cfg.get(k) for k in keys},
-            metric: last.get(metric),
-            "kimg": kimg,
-            "iterations": last.get("training_iteration"),
-            "status": status,
-            "error": str(r.error).strip().splitlines()[-1][:160] if r.error else "",
-        })
-    return rows
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        print("no trials")
-        return
-    cols = list(rows[0].keys())
-
-    def fmt(v):
-        return f"{v:.5g}" if isinstance(v, float) else ("" if v is None else str(v))
-
-    widths = {c: max(len(c), *(len(fmt(r[c])) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        print("  ".join(fmt(r[c]).ljust(widths[c]) for c in cols))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,34 +96,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class SweepError(ValueError):
+    """A bad sweep request (one line)."""
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     base = config_from_args(args)
     try:
-        space = dict(DEFAULT_SPACE)
-        if args.space:
-            space = yaml.safe_load(Path(args.space).read_text()) or {}
-        if args.param:
-            space = dict(parse_param(s) for s in args.param)
-        dists = build_distributions(space, base)
-        points = yaml.safe_load(Path(args.points).read_text()) if args.points else None
-        for pt in points or []:
-            trial_config(to_dict(base), pt)
-    except (ConfigError, OSError) as e:
+        dists, points, metric = _search(args, base)
+    except (SweepError, ConfigError, OSError) as e:
         print(f"sweep error: {e}", file=sys.stderr)
         return 2
-    metric = args.metric or (("proxy_" if base.metrics.detector == "proxy" else "") + (base.metrics.metrics or ["fvd16"])[0])
     storage_path = resolve(args.storage_path) if args.storage_path else join(base.train.storage_path, "sweeps")
-    if args.max_kimg is not None and args.max_kimg <= 0 or args.grace_kimg is not None and args.grace_kimg <= 0:
-        print("sweep error: --max-kimg and --grace-kimg must be > 0", file=sys.stderr)
-        return 2
-    if (args.grace_kimg or 0) > (args.max_kimg or base.train.total_kimg):
-        print(f"sweep error: --grace-kimg={args.grace_kimg} exceeds the trial length "
-              f"({args.max_kimg or base.train.total_kimg} kimg)", file=sys.stderr)
-        return 2
-    if base.metrics.metrics == []:
-        print("sweep error: metrics.metrics is empty: the sweep needs a metric reported during training", file=sys.stderr)
-        return 2
     if args.dry_run:
         print(dump_yaml(base))
         print(f"sweep {args.name}: {args.num_samples} trials, {args.max_concurrent} at once, metric {metric} ({args.mode})")
@@ -266,53 +117,82 @@ def main(argv=None) -> int:
         print(f"results in {storage_path}/{args.name}; Optuna storage: {args.study_storage or 'in memory'}")
         return 0
 
-    from digan.distributed.cluster import quiet_ray_false_alarms
+    from digan.distributed.cluster import init_ray, quiet_ray_false_alarms
 
     quiet_ray_false_alarms()  # before ray is imported here
+    init_ray(base)
+    sweep_path = f"{storage_path.rstrip('/')}/{args.name}"
+    tuner = _tuner(args, base, dists, points, metric, storage_path, sweep_path)
+    if tuner is None:
+        print(f"sweep error: nothing to resume at {sweep_path}", file=sys.stderr)
+        return 2
+    results = tuner.fit()
+    out = Path(args.out).expanduser().resolve() if args.out else (Path.cwd() if is_s3(sweep_path) else Path(sweep_path))
+    return _write_results(args, base, results, dists, metric, out)
+
+
+def _search(args: argparse.Namespace, base: Config) -> tuple[dict, list | None, str]:
+    """The search space (Optuna distributions), the points to try first, and the metric; checked."""
+    space = dict(DEFAULT_SPACE)
+    if args.space:
+        space = yaml.safe_load(Path(args.space).read_text()) or {}
+    if args.param:
+        space = dict(parse_param(s) for s in args.param)
+    dists = build_distributions(space, base)
+    points = yaml.safe_load(Path(args.points).read_text()) if args.points else None
+    for pt in points or []:
+        trial_config(to_dict(base), pt)
+    if args.max_kimg is not None and args.max_kimg <= 0 or args.grace_kimg is not None and args.grace_kimg <= 0:
+        raise SweepError("--max-kimg and --grace-kimg must be > 0")
+    if (args.grace_kimg or 0) > (args.max_kimg or base.train.total_kimg):
+        raise SweepError(f"--grace-kimg={args.grace_kimg} exceeds the trial length "
+                         f"({args.max_kimg or base.train.total_kimg} kimg)")
+    if base.metrics.metrics == []:
+        raise SweepError("metrics.metrics is empty: the sweep needs a metric reported during training")
+    metric = args.metric or (("proxy_" if base.metrics.detector == "proxy" else "") + base.metrics.metrics[0])
+    return dists, points, metric
+
+
+def _tuner(args: argparse.Namespace, base: Config, dists: dict, points: list | None, metric: str,
+           storage_path: str, sweep_path: str):
+    """A new Tuner (Optuna TPE + ASHA over kimg), or the interrupted one restored (None: nothing to restore)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
     import optuna
 
-    from digan.distributed.cluster import init_ray
-
-    init_ray(base)
-    sweep_path = f"{storage_path.rstrip('/')}/{args.name}"
-    base_dict = to_dict(base)
-    trainable = tune.with_parameters(_trainable, base=base_dict, metric=metric)
+    trainable = tune.with_parameters(_trainable, base=to_dict(base), metric=metric)
     # The driver of each trial only waits on its Train workers: a sliver of a CPU, so it never starves them.
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
-
-    max_kimg = args.max_kimg or base.train.total_kimg
     if args.resume:
         if not tune.Tuner.can_restore(sweep_path):
-            print(f"sweep error: nothing to resume at {sweep_path}", file=sys.stderr)
-            return 2
-        tuner = tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        grace_kimg = args.grace_kimg or min(base.metrics.interval_kimg, max_kimg)
-        searcher = OptunaSearch(
-            space=dists, metric=metric, mode=args.mode,
-            sampler=optuna.samplers.TPESampler(seed=args.seed),
-            study_name=args.study_name or args.name, storage=make_study_storage(args.study_storage),
-            points_to_evaluate=points,
-        )
-        # Time is kimg (reported at every log step); the metric arrives every metrics.interval_kimg, and
-        # ASHA judges a trial at a rung with the first metric report at or past the rung's kimg.
-        scheduler = ASHAScheduler(time_attr="kimg", metric=metric, mode=args.mode, max_t=max_kimg,
-                                  grace_period=grace_kimg, reduction_factor=args.reduction_factor)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples,
-                                        max_concurrent_trials=args.max_concurrent),
-            run_config=tune.RunConfig(name=args.name, storage_path=storage_path,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
-    results = tuner.fit()
+            return None
+        return tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    max_kimg = args.max_kimg or base.train.total_kimg
+    grace_kimg = args.grace_kimg or min(base.metrics.interval_kimg, max_kimg)
+    searcher = OptunaSearch(
+        space=dists, metric=metric, mode=args.mode,
+        sampler=optuna.samplers.TPESampler(seed=args.seed),
+        study_name=args.study_name or args.name, storage=make_study_storage(args.study_storage),
+        points_to_evaluate=points,
+    )
+    # Time is kimg (reported at every log step); the metric arrives every metrics.interval_kimg, and
+    # ASHA judges a trial at a rung with the first metric report at or past the rung's kimg.
+    scheduler = ASHAScheduler(time_attr="kimg", metric=metric, mode=args.mode, max_t=max_kimg,
+                              grace_period=grace_kimg, reduction_factor=args.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples,
+                                    max_concurrent_trials=args.max_concurrent),
+        run_config=tune.RunConfig(name=args.name, storage_path=storage_path,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
 
-    rows = trials_table(results, metric, list(dists), max_kimg)
+
+def _write_results(args: argparse.Namespace, base: Config, results, dists: dict, metric: str, out: Path) -> int:
+    """trials.csv and best.yaml (or trials.partial.csv and no best, when interrupted); the exit code."""
+    rows = trials_table(results, metric, list(dists), args.max_kimg or base.train.total_kimg)
     print_table(rows)
-    out = Path(args.out).expanduser().resolve() if args.out else (Path(sweep_path) if "://" not in sweep_path else Path.cwd())
     out.mkdir(parents=True, exist_ok=True)
     # Interrupted (Ctrl-C / SIGUSR1: Tune stops gracefully and returns what it has): nothing that looks final.
     finished = sum(r["status"] != "UNFINISHED" for r in rows)
@@ -331,7 +211,7 @@ def main(argv=None) -> int:
         print("no trial finished with a finite metric", file=sys.stderr)
         return 1
     best = (min if args.mode == "min" else max)(ok, key=lambda r: r[metric])
-    best_cfg = trial_config(base_dict, {k: best[k] for k in dists})
+    best_cfg = trial_config(to_dict(base), {k: best[k] for k in dists})
     best_cfg.train.run_name = f"{args.name}-best"
     (out / "best.yaml").write_text(f"# best of sweep {args.name}: {metric}={best[metric]:.6g} ({best['trial']})\n"
                                    + dump_yaml(best_cfg))
