@@ -164,6 +164,38 @@ def _results(tasks: list, workers: int):
         yield from pool.imap(_process, tasks, chunksize=1)
 
 
+def _previous_build(dest: Destination, identity: dict) -> tuple[dict | None, dict]:
+    """(the manifest of a finished build of the same inputs, or None; the journal to resume, or a fresh one).
+    A finished or unfinished build of other inputs or options at `dest` is refused (BuildError)."""
+    done = dest.read_json(MANIFEST)
+    if done is not None:
+        if done.get("identity") == identity:
+            return done, {}
+        raise BuildError(f"{dest.url} already holds a complete build with other inputs or options; "
+                         "choose a new destination")
+    state = dest.read_json(JOURNAL)
+    if state is not None and state.get("identity") != identity:
+        raise BuildError(f"{dest.url} holds an unfinished build with other inputs or options; "
+                         "re-run it with the same arguments to resume, or choose a new destination")
+    return None, state or {"identity": identity, "shards": [], "videos": [], "skipped": [], "next": [0, 0]}
+
+
+def _manifest(identity: dict, num_sources: int, state: dict) -> dict:
+    """The finished build's manifest.json: options, shards with their clip counts, sources used and skipped."""
+    skipped = sorted(state["skipped"], key=lambda s: s["source"])
+    reasons: dict[str, int] = {}
+    for s in skipped:
+        kind = s["reason"].split(":")[0]
+        reasons[kind] = reasons.get(kind, 0) + 1
+    return {
+        "identity": identity, "format": FORMAT, "options": identity["options"], "input": identity["input"],
+        "num_videos": num_sources, "num_videos_used": len(state["videos"]), "num_skipped": len(skipped),
+        "skipped_by_reason": reasons, "num_clips": sum(s["num_clips"] for s in state["shards"]),
+        "num_shards": len(state["shards"]), "shards": state["shards"],
+        "sources": sorted(state["videos"], key=lambda v: v["source"]), "skipped": skipped,
+    }
+
+
 def build_shards(sources: list[VideoSource], dest: str | Destination, options: BuildOptions, *,
                  workers: int = 2, input_info: dict | None = None, progress: bool = True) -> dict:
     """Build (or resume, or confirm) the shards of `sources` at `dest`; returns the manifest dict."""
@@ -171,18 +203,10 @@ def build_shards(sources: list[VideoSource], dest: str | Destination, options: B
     dest = dest if isinstance(dest, Destination) else Destination(dest)
     identity = {"format": FORMAT, "options": dataclasses.asdict(options), "input": input_info or {},
                 "sources_sha256": hashlib.sha256("\n".join(s.source for s in sources).encode()).hexdigest()}
-    done = dest.read_json(MANIFEST)
+    done, state = _previous_build(dest, identity)
     if done is not None:
-        if done.get("identity") == identity:
-            return done
-        raise BuildError(f"{dest.url} already holds a complete build with other inputs or options; "
-                         "choose a new destination")
-    state = dest.read_json(JOURNAL)
-    if state is not None and state.get("identity") != identity:
-        raise BuildError(f"{dest.url} holds an unfinished build with other inputs or options; "
-                         "re-run it with the same arguments to resume, or choose a new destination")
+        return done
     dest.clean_temp()
-    state = state or {"identity": identity, "shards": [], "videos": [], "skipped": [], "next": [0, 0]}
     next_video, next_clip = state["next"]
     writer = _ShardWriter(dest, len(state["shards"]))
     limit_bytes = options.shard_size_mb * (1 << 20)
@@ -225,18 +249,7 @@ def build_shards(sources: list[VideoSource], dest: str | Destination, options: B
             bar.update(1)
             bar.set_postfix(clips=num_clips, skipped=len(state["skipped"]) + len(pending_skips))
         checkpoint([len(sources), 0])
-        skipped = sorted(state["skipped"], key=lambda s: s["source"])
-        reasons: dict[str, int] = {}
-        for s in skipped:
-            kind = s["reason"].split(":")[0]
-            reasons[kind] = reasons.get(kind, 0) + 1
-        manifest = {
-            "identity": identity, "format": FORMAT, "options": identity["options"], "input": identity["input"],
-            "num_videos": len(sources), "num_videos_used": len(state["videos"]), "num_skipped": len(skipped),
-            "skipped_by_reason": reasons, "num_clips": sum(s["num_clips"] for s in state["shards"]),
-            "num_shards": len(state["shards"]), "shards": state["shards"],
-            "sources": sorted(state["videos"], key=lambda v: v["source"]), "skipped": skipped,
-        }
+        manifest = _manifest(identity, len(sources), state)
         dest.write_json(MANIFEST, manifest)
         dest.remove(JOURNAL)
     except KeyboardInterrupt:
