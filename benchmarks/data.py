@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def cpu_s() -> float:
-    """CPU seconds used so far by this process (all its threads) and its finished child processes."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+from common import cpu_seconds as cpu_s, load_avg  # noqa: E402 (also puts the repository on sys.path)
 
 
 def pairs_per_s(source: str, resolution: int, num_pairs: int, batch: int,
@@ -60,8 +53,7 @@ def calibration_ms() -> float:
     """CPU ms of a fixed pure-Python loop: about 15 ms on an idle modern core; more means a contended one."""
     c0 = cpu_s()
     sum(range(10**6))
-    t = os.times()
-    return (t.user + t.system + t.children_user + t.children_system - c0) * 1e3
+    return (cpu_s() - c0) * 1e3
 
 
 def main() -> None:
@@ -78,35 +70,17 @@ def main() -> None:
     p.add_argument("--no-s3", action="store_true", help="skip the S3 measurement")
     args = p.parse_args()
     torch.set_num_threads(1)
-
-    from data_shards.build import build_shards
-    from data_shards.demo import demo_options, demo_sources
-
     work = Path(tempfile.mkdtemp(prefix="digan-bench-data-"))
     results: dict[str, float] = {}
     print(f"demo footage at {args.resolution}px, {args.batch} pairs/batch, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at start; calibration loop {calibration_ms():.0f} CPU-ms "
+          f"load average {load_avg()} at start; calibration loop {calibration_ms():.0f} CPU-ms "
           "(~15 on an idle core)")
     server = proc = None
     try:
         for enc in args.encodings.split(","):
-            opts = demo_options(args.resolution)
-            opts.encoding, opts.max_clips_per_shard, opts.shard_size_mb = enc, 0, args.shard_size_mb
-            t0, c0 = time.perf_counter(), cpu_s()
-            m = build_shards(demo_sources(), str(work / enc), opts, workers=args.build_workers, progress=False)
-            dt, dc = time.perf_counter() - t0, cpu_s() - c0
-            size_mb = sum(s["bytes"] for s in m["shards"]) / 2**20
-            results[f"build_{enc}_clips_per_s"] = m["num_clips"] / dt
-            if not args.build_workers:  # pool workers are not our children: their CPU time is not seen
-                results[f"build_{enc}_clips_per_cpu_s"] = m["num_clips"] / dc
-            print(f"builder [{enc}]: {m['num_clips']} clips from {m['num_videos']} sources in {dt:.1f}s wall = "
-                  f"{m['num_clips'] / dt:.1f} clips/s with {args.build_workers or 'no'} worker processes"
-                  + (f"; {m['num_clips'] / dc:.1f} clips per CPU-second" if not args.build_workers else "")
-                  + f" ({m['num_shards']} shards, {size_mb:.1f} MiB, {size_mb * 1024 / m['num_clips']:.0f} KiB/clip)")
-
-
+            results.update(build_demo_shards(args, enc, work / enc))
         if not args.no_s3:
-            from digan.storage.local_s3 import start_weed, stop_weed
+            from digan.storage.local_s3 import start_weed
 
             proc, server = start_weed(work / "weed")
             os.environ.update(server.env)
@@ -116,25 +90,13 @@ def main() -> None:
             for enc in args.encodings.split(","):
                 for f in sorted((work / enc).iterdir()):
                     fs.put_file(str(f), f"{server.bucket}/{enc}/{f.name}")
-        # Local and S3 runs alternate, so a burst of load from other users hits both alike.
         for enc in args.encodings.split(","):
-            where = {"local": str(work / enc)}
-            if server is not None:
-                where["s3"] = server.url(enc)
-            runs: dict[str, list[float]] = {k: [] for k in where}
-            for _ in range(args.repeats):
-                for k, src in where.items():
-                    rate, wall, stats = pairs_per_s(src, args.resolution, args.pairs, args.batch)
-                    runs[k].append(rate)
-                    print(f"{k:6s} [{enc}]: {rate:.0f} pairs per CPU-second ({wall:.0f} pairs/s wall; "
-                          f"{stats['skipped_total']} skipped)")
-            for k, v in runs.items():
-                results[f"{k}_{enc}_pairs_per_s_per_core"] = float(np.median(v))
-            if server is not None:
-                local, s3 = results[f"local_{enc}_pairs_per_s_per_core"], results[f"s3_{enc}_pairs_per_s_per_core"]
-                print(f"median [{enc}]: local {local:.0f}, s3 {s3:.0f} pairs per CPU-second = {100 * s3 / local:.0f}%")
+            where = {"local": str(work / enc), **({"s3": server.url(enc)} if server is not None else {})}
+            results.update(stream(args, enc, where))
     finally:
         if proc is not None:
+            from digan.storage.local_s3 import stop_weed
+
             stop_weed(proc)
         shutil.rmtree(work, ignore_errors=True)
     jpg_local = results.get("local_jpg_pairs_per_s_per_core")
@@ -144,8 +106,46 @@ def main() -> None:
         if "s3_jpg_pairs_per_s_per_core" in results:
             r = results["s3_jpg_pairs_per_s_per_core"] / jpg_local
             print(f"target: S3 >= 80% of local: {'met' if r >= 0.8 else 'NOT met'} ({100 * r:.0f}%)")
-    print(f"load average {os.getloadavg()[0]:.1f} at end; calibration loop {calibration_ms():.0f} CPU-ms")
+    print(f"load average {load_avg()} at end; calibration loop {calibration_ms():.0f} CPU-ms")
     print(json.dumps({k: round(v, 1) for k, v in results.items()}))
+
+
+def build_demo_shards(args: argparse.Namespace, enc: str, dest: Path) -> dict[str, float]:
+    """Build the demo footage's shards in encoding `enc`; the builder's clips/s (per CPU-second in-process)."""
+    from data_shards.build import build_shards
+    from data_shards.demo import demo_options, demo_sources
+
+    opts = demo_options(args.resolution)
+    opts.encoding, opts.max_clips_per_shard, opts.shard_size_mb = enc, 0, args.shard_size_mb
+    t0, c0 = time.perf_counter(), cpu_s()
+    m = build_shards(demo_sources(), str(dest), opts, workers=args.build_workers, progress=False)
+    dt, dc = time.perf_counter() - t0, cpu_s() - c0
+    size_mb = sum(s["bytes"] for s in m["shards"]) / 2**20
+    out = {f"build_{enc}_clips_per_s": m["num_clips"] / dt}
+    if not args.build_workers:  # pool workers are not our children: their CPU time is not seen
+        out[f"build_{enc}_clips_per_cpu_s"] = m["num_clips"] / dc
+    print(f"builder [{enc}]: {m['num_clips']} clips from {m['num_videos']} sources in {dt:.1f}s wall = "
+          f"{m['num_clips'] / dt:.1f} clips/s with {args.build_workers or 'no'} worker processes"
+          + (f"; {m['num_clips'] / dc:.1f} clips per CPU-second" if not args.build_workers else "")
+          + f" ({m['num_shards']} shards, {size_mb:.1f} MiB, {size_mb * 1024 / m['num_clips']:.0f} KiB/clip)")
+    return out
+
+
+def stream(args: argparse.Namespace, enc: str, where: dict[str, str]) -> dict[str, float]:
+    """Pairs per CPU-second from each location, alternating (a burst of load from other users hits all
+    alike); medians."""
+    runs: dict[str, list[float]] = {k: [] for k in where}
+    for _ in range(args.repeats):
+        for k, src in where.items():
+            rate, wall, stats = pairs_per_s(src, args.resolution, args.pairs, args.batch)
+            runs[k].append(rate)
+            print(f"{k:6s} [{enc}]: {rate:.0f} pairs per CPU-second ({wall:.0f} pairs/s wall; "
+                  f"{stats['skipped_total']} skipped)")
+    out = {f"{k}_{enc}_pairs_per_s_per_core": float(np.median(v)) for k, v in runs.items()}
+    if "s3" in where:
+        local, s3 = out[f"local_{enc}_pairs_per_s_per_core"], out[f"s3_{enc}_pairs_per_s_per_core"]
+        print(f"median [{enc}]: local {local:.0f}, s3 {s3:.0f} pairs per CPU-second = {100 * s3 / local:.0f}%")
+    return out
 
 
 if __name__ == "__main__":

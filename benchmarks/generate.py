@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from common import json_row, load_avg, peak_rss_mib  # noqa: E402 (also puts the repository on sys.path)
 from digan.config import load_config  # noqa: E402
 from digan.malloc import configure_malloc  # noqa: E402
 from digan.models import build_generator  # noqa: E402
@@ -63,7 +58,7 @@ def run_row(preset: str, num_frames: int, num_videos: int, max_frames: int, devi
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak_mb = peak_rss_mib()
     return {"preset": preset, "num_frames": num_frames, "videos": num_videos, "frames": frames,
             "per_batch": per_batch, "chunk": chunk, "wall_s": wall, "cpu_s": cpu,
             "frames_per_s": frames / wall, "peak_mb": peak_mb, "device": str(device),
@@ -91,7 +86,7 @@ def main() -> None:
         return
 
     print(f"# benchmarks/generate.py  device={device}  threads={args.threads or torch.get_num_threads()}  "
-          f"max_frames_in_memory={args.max_frames_in_memory}  load_avg={os.getloadavg()[0]:.1f}")
+          f"max_frames_in_memory={args.max_frames_in_memory}  load_avg={load_avg()}")
     header = f"{'preset':<10} {'res':>4} {'frames':>6} {'videos':>6} {'batch x chunk':>13} {'wall s':>8} " \
              f"{'cpu s':>8} {'frames/s':>9} {'peak MB':>8}"
     print(header)
@@ -103,11 +98,11 @@ def main() -> None:
                    "--max-frames-in-memory", str(args.max_frames_in_memory), "--device", str(device)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"{preset:<10} {length:>11} FAILED: {out.stderr.strip().splitlines()[-1:]}")
+            try:
+                r = json_row(cmd)
+            except RuntimeError as e:
+                print(f"{preset:<10} {length:>11} FAILED: {e}")
                 continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{preset:<10} {r['resolution']:>4} {length:>6} {videos:>6} "
                   f"{str(r['per_batch']) + ' x ' + str(r['chunk']):>13} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
                   f"{r['frames_per_s']:>9.2f} {r['peak_mb']:>8.0f}", flush=True)

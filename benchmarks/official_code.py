@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import load_avg, peak_rss_mib  # (also puts this repository on sys.path, after which the checkout goes)
+
 EXPECTED_PARAMS = {"G": 52_210_703, "D_I": 26_488_833, "D_M": 26_490_881}  # at 64x64, ours and the official
 PHASE_NAMES = ("Gmain", "Greg", "Dmain", "Dreg")
 
@@ -214,8 +216,7 @@ def run(repo: Path, resolution: int, batch: int, iters: int, warmup: int, thread
     import torch
 
     if keep_freed:  # ablation: our workers' malloc settings (digan/malloc.py) under the official code
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from digan.malloc import keep_freed_memory
+        from digan.malloc import keep_freed_memory  # the repository is on sys.path (benchmarks/common.py)
 
         keep_freed = keep_freed_memory()
     torch.set_num_threads(threads)
@@ -257,7 +258,7 @@ def run(repo: Path, resolution: int, batch: int, iters: int, warmup: int, thread
         "threads": torch.get_num_threads(), "official_commit": official_commit(repo), "params": params,
         "G_params_M": params["G"] / 1e6, "D_params_M": (params["D_I"] + params["D_M"]) / 1e6,
         **per_phase, "iterations": whole, "iteration_parts": parts,
-        "peak_mem_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mem_MiB": peak_rss_mib(),
         "malloc": "keep freed (ablation)" if keep_freed else "glibc default",
         "d_conv_clamp": 256 if d_clamp else None, "loss_kwargs": m["loss_kwargs"],
     }
@@ -291,7 +292,7 @@ def main() -> None:
         walls = ", ".join(f"{it['wall']:.2f}" for it in its)
         print(f"{kind:>5} iteration: median {med['wall']:.2f} s wall ({walls}), {med['cpu']:.1f} s CPU "
               f"({med['sys']:.1f} s in the kernel), {med['faults'] / 1e6:.2f} M minor page faults")
-    print(f"peak RSS {r['peak_mem_MiB'] / 1024:.2f} GiB; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"peak RSS {r['peak_mem_MiB'] / 1024:.2f} GiB; load average {load_avg()}")
 
 
 if __name__ == "__main__":

@@ -39,15 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from common import load_avg  # noqa: E402 (also puts the repository on sys.path)
 from digan.config import load_config  # noqa: E402
 
 TARGET = 0.85
-
-
-def load_avg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 class CpuSampler:
@@ -234,6 +229,15 @@ def main() -> int:
                       f"busy = training workers {r['worker_cores']:.2f} + their data loaders {r['loader_cores']:.2f} "
                       f"+ everything else {r['other_cores']:.2f} (Ray's control plane and actors, other users)",
                       flush=True)
+    print_efficiency(rows)
+    if device.startswith("CPU") and args.ceiling_steps > 0:
+        ceilings(args, rows)
+    print(json.dumps({"rows": rows}))
+    return 0
+
+
+def print_efficiency(rows: list[dict]) -> None:
+    """Weak-scaling efficiency of every row against the first (and its CPU-normalised variant)."""
     base = rows[0]
     print("\nworkers  samples/s  efficiency  | CPU/worker  samples/CPU-s  CPU-normalised efficiency")
     for r in rows:
@@ -246,24 +250,22 @@ def main() -> int:
     print("(efficiency = samples/s(N) / (N x samples/s(1)), the target figure. The CPU-normalised one divides by\n"
           " the CPU time the workers actually got: on a machine shared with other jobs it estimates the parallel\n"
           " overhead (communication, duplicated work) that an idle machine would show; it does not see waits.)")
-    ceilings = {}
-    if device.startswith("CPU") and args.ceiling_steps > 0:
-        print(f"\nthe machine's ceiling: independent copies of one worker's step (no Ray, no DeepSpeed, "
-              f"{args.threads} thread(s) each), {args.ceiling_rounds} rounds")
-        for r in rows:
-            n = r["workers"]
-            if n == base["workers"]:
-                continue
-            alone, together = measure_ceiling(args, n)
-            ceiling = statistics.mean(together) / alone
-            ceilings[n] = ceiling
-            r["ceiling"] = ceiling
-            r["efficiency_vs_ceiling"] = r["efficiency"] / ceiling
-            print(f"  {n} copies at once: {', '.join(f'{x:.2f}' for x in together)} it/s each vs {alone:.2f} alone "
-                  f"-> ceiling {100 * ceiling:.1f} % of {n} x one copy; the {n}-worker run reaches "
-                  f"{100 * r['efficiency']:.1f} % = {100 * r['efficiency_vs_ceiling']:.1f} % of that ceiling")
-    print(json.dumps({"rows": rows}))
-    return 0
+
+
+def ceilings(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The machine's ceiling for each multi-worker row: independent copies of one worker's step at once."""
+    print(f"\nthe machine's ceiling: independent copies of one worker's step (no Ray, no DeepSpeed, "
+          f"{args.threads} thread(s) each), {args.ceiling_rounds} rounds")
+    for r in rows[1:]:
+        n = r["workers"]
+        if n == rows[0]["workers"]:
+            continue
+        alone, together = measure_ceiling(args, n)
+        r["ceiling"] = statistics.mean(together) / alone
+        r["efficiency_vs_ceiling"] = r["efficiency"] / r["ceiling"]
+        print(f"  {n} copies at once: {', '.join(f'{x:.2f}' for x in together)} it/s each vs {alone:.2f} alone "
+              f"-> ceiling {100 * r['ceiling']:.1f} % of {n} x one copy; the {n}-worker run reaches "
+              f"{100 * r['efficiency']:.1f} % = {100 * r['efficiency_vs_ceiling']:.1f} % of that ceiling")
 
 
 if __name__ == "__main__":

@@ -37,16 +37,13 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+from common import json_row, load_avg, peak_rss_mib  # noqa: E402 (also puts the repository on sys.path)
 from digan.config import load_config  # noqa: E402
 from digan.malloc import configure_malloc  # noqa: E402
 from digan.models import cpu_kernels  # noqa: E402
@@ -157,7 +154,7 @@ def run_row(name: str, batch: int | None, iters: int, warmup: int, device: torch
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak_mib = peak_rss_mib()
     return {
         "row": name, "resolution": res, "batch": batch, "device": str(device), "threads": torch.get_num_threads(),
         "G_params_M": sum(p.numel() for p in trainer.G.parameters()) / 1e6,
@@ -261,7 +258,7 @@ def main() -> None:
     if "official-code" in rows and (args.official_repo is None or device.type != "cpu"):
         parser.error("the official-code row needs --official-repo and runs on the CPU")
     print(f"device {device}, torch {torch.__version__}, threads {args.threads}, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+          f"load average {load_avg()}", flush=True)
     runs: dict[str, list[dict]] = {r: [] for r in rows}
     for _ in range(args.repeat):
         for row in rows:
@@ -276,11 +273,9 @@ def main() -> None:
                     cmd.append("--default-malloc")
                 if args.r1_schedule:
                     cmd += ["--r1-schedule", args.r1_schedule]
-            out = subprocess.run(cmd + common, check=True, stdout=subprocess.PIPE, text=True).stdout
-            runs[row].append(json.loads(out.strip().splitlines()[-1]))
-            print(f"  {row} done (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})", file=sys.stderr,
-                  flush=True)
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+            runs[row].append(json_row(cmd + common, show_progress=True))
+            print(f"  {row} done (load average {load_avg()})", file=sys.stderr, flush=True)
+    print(f"load average after: {load_avg()}")
     print_table({row: summarize(r) for row, r in runs.items()})
 
 

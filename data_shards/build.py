@@ -196,6 +196,8 @@ def _manifest(identity: dict, num_sources: int, state: dict) -> dict:
     }
 
 
+# long function: one resumable pass, whose state (journal, open shard, pending lists) the loop and its
+# checkpoint closure share
 def build_shards(sources: list[VideoSource], dest: str | Destination, options: BuildOptions, *,
                  workers: int = 2, input_info: dict | None = None, progress: bool = True) -> dict:
     """Build (or resume, or confirm) the shards of `sources` at `dest`; returns the manifest dict."""

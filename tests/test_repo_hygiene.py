@@ -131,3 +131,46 @@ def test_nothing_outside_the_tests_imports_the_tests():
                 re.search(r"sys\.path\.insert\([^\n]*[\"']tests[\"']", text):
             bad.append(str(p.relative_to(REPO)))
     assert not bad, "product code reaching into tests/: " + ", ".join(bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sizes: no file over ~350 lines outside the tests, no function over 60 lines without a reason next to it.
+
+MAX_FILE_LINES = 360
+MAX_FUNCTION_LINES = 60
+REASON = "# long function:"  # in the comment block right above the `def` (or on its line), then the reason
+
+
+def _long_functions(path: Path) -> list[str]:
+    """Functions whose body (the docstring not counted) is longer than MAX_FUNCTION_LINES, without a reason."""
+    import ast
+
+    text = path.read_text()
+    lines = text.splitlines()
+    out = []
+    for node in ast.walk(ast.parse(text, str(path))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            body = body[1:]
+        if not body:
+            continue
+        length = node.end_lineno - body[0].lineno + 1
+        top = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1  # 0-based index of the first line
+        while top > 0 and lines[top - 1].strip().startswith("#"):  # the comment block right above
+            top -= 1
+        context = " ".join(lines[top: node.lineno])
+        if length > MAX_FUNCTION_LINES and REASON not in context:
+            out.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {length} lines")
+    return out
+
+
+def test_files_and_functions_stay_small():
+    files = _product_py_files()
+    big = [f"{p.relative_to(REPO)}: {n} lines" for p in files if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
+    assert not big, f"files over {MAX_FILE_LINES} lines (split them where the jobs part):\n" + "\n".join(big)
+    long = [entry for p in files for entry in _long_functions(p)]
+    assert not long, (f"functions over {MAX_FUNCTION_LINES} lines without a `{REASON} ...` comment:\n"
+                      + "\n".join(long))
