@@ -58,7 +58,8 @@ def shellcheck() -> str:
     return path
 
 
-def test_shellcheck_passes_on_every_script(shellcheck):
+def test_shellcheck_passes_on_every_script(shellcheck, tmp_path):
+    _shellcheck_catches_a_bad_script(shellcheck, tmp_path)  # else a clean result below would mean nothing
     scripts = shell_scripts()
     rel = [str(p.relative_to(REPO)) for p in scripts]
     # The scripts this project must always have checked; a rename that drops one from the walk fails here.
@@ -70,8 +71,7 @@ def test_shellcheck_passes_on_every_script(shellcheck):
     assert r.returncode == 0, f"shellcheck found problems:\n{r.stdout}{r.stderr}"
 
 
-def test_shellcheck_catches_a_bad_script(shellcheck, tmp_path):
-    # The check above is only worth something if shellcheck really runs on these files.
+def _shellcheck_catches_a_bad_script(shellcheck, tmp_path):
     bad = tmp_path / "bad.sbatch"
     bad.write_text("#!/usr/bin/env bash\nrm -rf $DIR/*\n")
     assert bad in shell_scripts(tmp_path)
@@ -217,11 +217,12 @@ def check_dockerfile(text: str, repo: Path = REPO) -> list[str]:
 
 
 def test_dockerfile_installs_the_pyproject_dependency_set():
-    assert check_dockerfile((REPO / "Dockerfile").read_text()) == []
-
-
-def test_dockerfile_parity_check_catches_drift():
     text = (REPO / "Dockerfile").read_text()
+    _parity_check_catches_drift(text)  # else an empty list below would mean nothing
+    assert check_dockerfile(text) == []
+
+
+def _parity_check_catches_drift(text: str) -> None:
     # A hand-written list that misses a dependency added to pyproject.toml.
     hand_written = re.sub(r"RUN python -c \"import tomllib.*?rm /tmp/requirements.txt",
                           "RUN pip install -c constraints-ci.txt torch==2.13.0 'ray[default,train,tune]==2.60.0'",
@@ -278,6 +279,7 @@ def test_ray_cluster_yaml_validates_with_rays_validator():
     raw = yaml.safe_load((REPO / "cluster" / "ray" / "aws-gpu.yaml").read_text())
     cfg = prepare_config(raw)  # merges Ray's AWS defaults, as `ray up` does
     validate_config(cfg)  # jsonschema against ray/autoscaler/ray-schema.json, raises on any error
+    _ray_validator_rejects_a_broken_cluster_yaml(raw)  # else passing it would mean nothing
     assert cfg["provider"]["type"] == "aws"
     nodes = cfg["available_node_types"]
     head = nodes[cfg["head_node_type"]]
@@ -295,10 +297,12 @@ def test_ray_cluster_yaml_validates_with_rays_validator():
     assert any("ray-token" in remote for remote in cfg["file_mounts"])
 
 
-def test_ray_validator_rejects_a_broken_cluster_yaml():
+def _ray_validator_rejects_a_broken_cluster_yaml(raw: dict) -> None:
+    import copy
+
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    raw = yaml.safe_load((REPO / "cluster" / "ray" / "aws-gpu.yaml").read_text())
+    raw = copy.deepcopy(raw)
     raw["available_node_types"]["gpu_worker"]["min_worker"] = 1  # typo of min_workers
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(raw))
@@ -377,6 +381,7 @@ def _rayjob() -> dict:
 
 def test_rayjob_matches_the_crd_structure():
     job = _rayjob()
+    _rayjob_schema_rejects_typos()  # else passing it would mean nothing
     jsonschema.validate(job, RAYJOB_SCHEMA)
     spec, cluster = job["spec"], job["spec"]["rayClusterSpec"]
     assert cluster["authOptions"]["mode"] == "token"
@@ -413,7 +418,7 @@ def test_rayjob_entrypoint_is_a_valid_digan_train_command():
     assert cfg.train.storage_path.startswith("s3://"), "pods are ephemeral: checkpoints must go to S3"
 
 
-def test_rayjob_schema_rejects_typos():
+def _rayjob_schema_rejects_typos() -> None:
     job = _rayjob()
     job["spec"]["rayClusterSpec"]["workerGroupSpec"] = job["spec"]["rayClusterSpec"].pop("workerGroupSpecs")
     with pytest.raises(jsonschema.ValidationError):
