@@ -374,7 +374,7 @@ def test_train_step_protocol():
 def test_r1_schedule_config_key():
     assert load_config("demo-32").loss.r1_schedule == "separate"
     assert load_config("demo-32", ["loss.r1_schedule=folded"]).loss.r1_schedule == "folded"
-    with pytest.raises(ConfigError, match=r"^loss\.r1_schedule='both': choose separate \(official\) or folded$"):
+    with pytest.raises(ConfigError, match=r"^loss\.r1_schedule='both': choose from separate, folded$"):
         load_config("demo-32", ["loss.r1_schedule=both"])
     with pytest.raises(ValueError, match="r1_schedule"):
         DIGANLoss(r1_schedule="both")

@@ -310,8 +310,8 @@ for stage in (0, 2):
                        "D": {k: v.detach().clone() for k, v in rt.D.state_dict().items()},
                        "G_ema": {k: v.detach().clone() for k, v in rt.G_ema.state_dict().items()}})
     assert not rt.loss.latents and not rt.loss.augments
-    out[stage] = {"initial": initial, "states": states, "d_engine_steps": rt.d.engine.global_steps,
-                  "g_engine_steps": rt.g.engine.global_steps}
+    out[stage] = {"initial": initial, "states": states, "d_engine_steps": rt.d_updater.engine.global_steps,
+                  "g_engine_steps": rt.g_updater.engine.global_steps}
 torch.save(out, sys.argv[2])
 dist.destroy_process_group()
 """

@@ -234,7 +234,7 @@ def _zero_loop(config: dict) -> None:
     else:
         rt.load_engines(config["ckpt_dir"], same_world=world == 2)
         rt.step = 2
-        full = {"G": rt.g.full_optimizer_state(), "D": rt.d.full_optimizer_state()}
+        full = {"G": rt.g_updater.full_optimizer_state(), "D": rt.d_updater.full_optimizer_state()}
         pair, dt = batches[2]
         rt.train_step(pair[ids], dt[ids], ids)
         after = {f"G.{k}": v.detach().cpu().clone() for k, v in rt.G.state_dict().items()}

@@ -289,10 +289,23 @@ class AdaTuner:
     the mean of the two discriminators' sign means (D_M's and D_I's, each on its augmented reals).
     """
 
-    def __init__(self, target: float, kimg: float, interval: int, batch_size: int, p: float = 0.0):
+    def __init__(self, target: float, kimg: float, interval: int, batch_size: int, p: float = 0.0,
+                 augment: "AdaptiveAugment | None" = None):
         self.target, self.kimg, self.interval, self.batch_size = target, kimg, interval, batch_size
+        self.augment = augment  # the pipeline whose p this tunes: p lives there, once (None: kept here)
+        self._p = float(p)
         self.p = float(p)
         self.sum, self.count = 0.0, 0
+
+    @property
+    def p(self) -> float:
+        return self.augment.p if self.augment is not None else self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        if self.augment is not None:
+            self.augment.p = float(value)
+        self._p = float(value)
 
     def observe(self, sign_mean: torch.Tensor | float) -> None:
         """Add one iteration's r_t (a tensor stays on its device: no sync until `local_mean`)."""

@@ -2,16 +2,15 @@
 
 z, z_M and t of fake sample i at step s come from a generator seeded by (seed, s, phase), drawn for the whole
 global batch; each rank keeps its rows. The distributed worker's loss draws through them
-(`KeyedLatentLoss`), so 1 and N workers train on the same fake videos for the same global batch.
+(`DIGANLoss(latents=KeyedLatents(...))`), so 1 and N workers train on the same fake videos for the same
+global batch.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from digan.training.loss import DIGANLoss, sample_time_pairs
+from digan.training.loss import sample_time_pairs
 
 
 def _mix(*parts: int) -> int:
@@ -49,21 +48,4 @@ class KeyedLatents:
         z = torch.randn(n, z_dim, generator=g)[ids]
         z_M = torch.randn(n, motion_z_dim, generator=g)[ids]
         t = sample_time_pairs(n, generator=g)[ids]
-        return z, z_M, t
-
-
-class KeyedLatentLoss(DIGANLoss):
-    """DIGANLoss whose fake samples use `KeyedLatents` instead of the global RNG (augmentation unchanged).
-
-    Overrides only where z, z_M and t come from (`sample_latents`); the rendering is the recipe's.
-    """
-
-    def __init__(self, latents: KeyedLatents, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.latents = latents
-
-    def sample_latents(self, G: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z, z_M, t = self.latents.draw(G.z_dim, G.motion_z_dim)
-        if z.shape[0] != batch_size:
-            raise RuntimeError(f"keyed latents: {z.shape[0]} sample ids for a batch of {batch_size}")
         return z, z_M, t

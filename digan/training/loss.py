@@ -88,14 +88,14 @@ def _grad_sq_norm(g: torch.Tensor) -> torch.Tensor:
 class DIGANLoss:
     """Losses for G's step (`g_loss`), D's step (`d_loss`) and D's R1 step (`r1_loss`).
 
-    Every call that renders fakes draws fresh z, z_M and t (`sample_latents`; a subclass may take them
-    from elsewhere, e.g. the worker's keyed latents), and every D forward draws its own augmentation.
+    Every call that renders fakes draws fresh z, z_M and t (`sample_latents`: from `latents` when given,
+    e.g. keyed by global sample index, else the global RNG), and every D forward draws its own augmentation.
     """
 
     def __init__(self, r1_gamma: float = 1.0, r1_interval: int = 16, diffaug_policy: str = "color,translation",
                  translation_ratio: float = 0.125, xflip: bool = True,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None, r1_schedule: str = "separate",
-                 ada: bool = False, ada_p: float = 0.0):
+                 ada: bool = False, ada_p: float = 0.0, latents=None):
         if r1_schedule not in R1_SCHEDULES:
             raise ValueError(f"r1_schedule={r1_schedule!r}: choose {' or '.join(R1_SCHEDULES)}")
         self.r1_gamma = r1_gamma  # R1 weight: the penalty is gamma/2 * ||grad||^2
@@ -107,6 +107,9 @@ class DIGANLoss:
         # Adaptive augmentation (loss.ada_target > 0, or a fixed loss.ada_p): geometric ops at probability
         # `self.ada.p` in front of DiffAugment; the trainer's `AdaTuner` moves p. None = off (official).
         self.ada = AdaptiveAugment(ada_p) if ada or ada_p > 0 else None
+        # Where fakes' z, z_M and t come from: None = the global RNG; a `KeyedLatents` (digan.training.latents)
+        # = keyed by global sample index, the same fakes on any number of workers.
+        self.latents = latents
 
     @staticmethod
     def config_kwargs(cfg: LossConfig) -> dict:
@@ -116,8 +119,8 @@ class DIGANLoss:
                 "ada": cfg.ada_target > 0, "ada_p": cfg.ada_p}
 
     @classmethod
-    def from_config(cls, cfg: LossConfig) -> "DIGANLoss":
-        return cls(**cls.config_kwargs(cfg))
+    def from_config(cls, cfg: LossConfig, latents=None) -> "DIGANLoss":
+        return cls(**cls.config_kwargs(cfg), latents=latents)
 
     def r1_due(self, step: int) -> bool:
         """Lazy R1 on iterations 0, k, 2k, ... (StyleGAN2-ADA: `batch_idx % interval == 0`)."""
@@ -135,7 +138,13 @@ class DIGANLoss:
         return random_xflip(real_pair) if self.xflip else real_pair
 
     def sample_latents(self, G: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fresh z [B, z_dim], z_M [B, motion_z_dim] and sorted Beta times t [B, 2] (on G's device)."""
+        """Fresh z [B, z_dim], z_M [B, motion_z_dim] and sorted Beta times t [B, 2]: from `self.latents` when
+        set (on the CPU), else from the global RNG (on G's device)."""
+        if self.latents is not None:
+            z, z_M, t = self.latents.draw(G.z_dim, G.motion_z_dim)
+            if z.shape[0] != batch_size:
+                raise RuntimeError(f"keyed latents: {z.shape[0]} sample ids for a batch of {batch_size}")
+            return z, z_M, t
         device, dtype = _device_of(G), _dtype_of(G)
         z = torch.randn(batch_size, G.z_dim, device=device, dtype=dtype)
         z_M = torch.randn(batch_size, G.motion_z_dim, device=device, dtype=dtype)

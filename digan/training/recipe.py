@@ -110,8 +110,10 @@ def train_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Modul
     return stats
 
 
-def build_ada_tuner(cfg: Config) -> AdaTuner:
-    return AdaTuner(cfg.loss.ada_target, cfg.loss.ada_kimg, cfg.loss.ada_interval, cfg.train.batch_size, cfg.loss.ada_p)
+def build_ada_tuner(cfg: Config, loss: DIGANLoss | None = None) -> AdaTuner:
+    """ADA's tuner for `cfg.loss`; it moves the p of `loss.ada` (the one place p lives) when given."""
+    return AdaTuner(cfg.loss.ada_target, cfg.loss.ada_kimg, cfg.loss.ada_interval, cfg.train.batch_size,
+                    cfg.loss.ada_p, augment=loss.ada if loss is not None else None)
 
 
 def tune_ada(tuner: AdaTuner, loss: DIGANLoss, stats: Stats, step: int,
@@ -124,7 +126,7 @@ def tune_ada(tuner: AdaTuner, loss: DIGANLoss, stats: Stats, step: int,
         return
     tuner.observe(stats["signs_real"])
     if tuner.due(step):
-        loss.ada.p = tuner.adjust(reduce(tuner.local_mean()))
+        tuner.adjust(reduce(tuner.local_mean()))
 
 
 def stats_to_floats(stats: Stats) -> dict[str, float]:
@@ -153,42 +155,83 @@ class DiscriminatorPair(torch.nn.Module):
         self.mot = D_mot
 
 
-class SingleProcessTrainer:
-    """G, D_I, D_M, G_ema, Adam updaters, loss and EMA for one process (no Ray, no DeepSpeed)."""
+class Trainer:
+    """G, D_I + D_M, G_ema, their updaters, the loss and ADA's tuner, and the step counters: what takes training
+    steps, in one process (`SingleProcessTrainer`) or as one rank of many (`digan.distributed.runtime.GANRuntime`,
+    DeepSpeed-backed updaters and keyed latents). One build, one step, for both.
 
-    def __init__(self, cfg: Config, device: torch.device | str = "cpu", seed: int | None = None):
+    `wrap(module, optimizer) -> Updater` makes the updaters; `nets_on_device` moves G and D to `device` first
+    (DeepSpeed engines move them themselves). The caller seeds the global RNG before (the initial weights).
+    """
+
+    def __init__(self, cfg: Config, device: torch.device | str, wrap: Callable[[torch.nn.Module, Any], Updater],
+                 latents=None, nets_on_device: bool = True):
         from digan.models import build_discriminators, build_generator  # heavy import, only when training
 
-        if seed is not None:
-            torch.manual_seed(seed)
-        self.cfg = cfg
-        self.device = torch.device(device)
-        self.G = build_generator(cfg.model).to(self.device).train()
+        self.cfg, self.device = cfg, torch.device(device)
+        G = build_generator(cfg.model).train()
+        G = G.to(self.device) if nets_on_device else G
         D_img, D_mot = build_discriminators(cfg.model)
-        self.D = DiscriminatorPair(D_img, D_mot).to(self.device).train()
-        self.ema = EMA(copy.deepcopy(self.G).eval(), cfg.train.batch_size, cfg.optim.ema_kimg, cfg.optim.ema_rampup)
-        self.loss = DIGANLoss.from_config(cfg.loss)
-        self.ada = build_ada_tuner(cfg)
-        self.g_updater = PlainUpdater(self.G, build_adam(self.G.parameters(), cfg.optim, cfg.loss.g_reg_interval),
-                                      cfg.optim.grad_clamp)
-        self.d_updater = PlainUpdater(self.D, build_adam(self.D.parameters(), cfg.optim, d_reg_interval(cfg.loss)),
-                                      cfg.optim.grad_clamp)
-        self.step = 0
-        self.cur_nimg = 0
+        D = DiscriminatorPair(D_img, D_mot).train()
+        D = D.to(self.device) if nets_on_device else D
+        # G_ema stays outside the updaters, in fp32, on this device (identical on every rank).
+        self.ema = EMA(copy.deepcopy(G).eval().to(self.device), cfg.train.batch_size, cfg.optim.ema_kimg,
+                       cfg.optim.ema_rampup)
+        self.g_updater = wrap(G, build_adam(G.parameters(), cfg.optim, cfg.loss.g_reg_interval))
+        self.d_updater = wrap(D, build_adam(D.parameters(), cfg.optim, d_reg_interval(cfg.loss)))
+        self.loss = DIGANLoss.from_config(cfg.loss, latents)
+        self.ada = build_ada_tuner(cfg, self.loss)  # adaptive augmentation's p (loss.ada_target > 0)
+        self.step = 0  # iterations done
+        self.cur_nimg = 0  # real pairs shown to D, all ranks together
+
+    @property
+    def G(self) -> torch.nn.Module:
+        return self.g_updater.module
+
+    @property
+    def D(self) -> DiscriminatorPair:
+        return self.d_updater.module
 
     @property
     def G_ema(self) -> torch.nn.Module:
         return self.ema.module
 
-    def train_step(self, real_pair: torch.Tensor, real_dt: torch.Tensor) -> Stats:
+    # Hooks of one step (a rank of many overrides them).
+    def begin_step(self, real_pair: torch.Tensor, sample_ids: torch.Tensor | None) -> None:
+        """Before the step's draws."""
+
+    def images_per_step(self, real_pair: torch.Tensor) -> int:
+        """Real pairs this step shows D, all ranks together."""
+        return real_pair.shape[0]
+
+    def mean_over_ranks(self, value: float) -> float:
+        return value
+
+    def train_step(self, real_pair: torch.Tensor, real_dt: torch.Tensor,
+                   sample_ids: torch.Tensor | None = None) -> Stats:
+        """One iteration on this process's share of the batch; returns detached stats tensors."""
+        self.begin_step(real_pair, sample_ids)
         real_pair = real_pair.to(self.device, torch.float32, non_blocking=True)
         real_dt = real_dt.to(self.device, torch.float32, non_blocking=True)
         stats = train_step(self.G, self.D.img, self.D.mot, self.g_updater, self.d_updater, self.loss, self.ema,
                            real_pair, real_dt, self.step, self.cur_nimg)
         self.step += 1
-        self.cur_nimg += real_pair.shape[0]
-        tune_ada(self.ada, self.loss, stats, self.step)
+        self.cur_nimg += self.images_per_step(real_pair)
+        tune_ada(self.ada, self.loss, stats, self.step, reduce=self.mean_over_ranks)
         return stats
+
+    def set_ada(self, state: dict[str, float]) -> None:
+        """ADA's p (and its open interval) from a checkpoint."""
+        self.ada.load_state_dict(state)
+
+
+class SingleProcessTrainer(Trainer):
+    """The trainer in one process, with plain PyTorch updaters (no Ray, no DeepSpeed); fakes from the global RNG."""
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu", seed: int | None = None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        super().__init__(cfg, device, lambda m, opt: PlainUpdater(m, opt, cfg.optim.grad_clamp))
 
     def state_dict(self) -> dict[str, Any]:
         return {"G": self.g_updater.state_dict(), "D": self.d_updater.state_dict(), "G_ema": self.ema.state_dict(),
@@ -200,9 +243,7 @@ class SingleProcessTrainer:
         self.ema.load_state_dict(state["G_ema"])
         self.step, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
         if "ada" in state:
-            self.ada.load_state_dict(state["ada"])
-            if self.loss.ada is not None:
-                self.loss.ada.p = self.ada.p
+            self.set_ada(state["ada"])
 
 
 def fit(cfg: Config, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_steps: int,
