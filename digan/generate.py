@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from digan.config import Config, ConfigError, HelpFormatter, add_config_args, config_from_args, dump_yaml
 from digan.malloc import configure_malloc
-from digan.models import build_generator, load_generator, read_generator_export
+from digan.models import build_generator, generator_from_export, read_generator_export
 from digan.sampling import render_chunks, seed_latents, time_stamps, to_uint8
 from digan.video_io import Mp4Writer, frame_grid, write_gif, write_png
 
@@ -135,20 +135,16 @@ def _check(args: argparse.Namespace) -> None:
             raise ArgumentError(f"--device={args.device}: CUDA is not available on this machine")
 
 
-def _checkpoint_config(path: str) -> tuple[Path, Config]:
-    file, _, cfg = read_generator_export(path)  # one-line FileNotFoundError / ValueError for a bad file
-    return file, cfg
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     try:
         _check(args)
         if args.checkpoint is not None:
-            source, cfg = _checkpoint_config(args.checkpoint)
+            # read once: the config now (for the plan), the weights after it
+            source, payload, cfg = read_generator_export(args.checkpoint)
         else:
-            source, cfg = None, config_from_args(args)
+            source, payload, cfg = None, None, config_from_args(args)
     except (ArgumentError, FileNotFoundError, ValueError, KeyError, ConfigError) as e:
         msg = f"bad checkpoint: {e}" if isinstance(e, KeyError) else str(e)
         print(f"digan-generate: error: {msg}", file=sys.stderr)
@@ -162,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     configure_malloc(cfg.dist, plan.device)
     if source is not None:
-        G, _ = load_generator(source, map_location=plan.device)
+        G = generator_from_export(payload, cfg, source, map_location=plan.device)
     else:
         torch.manual_seed(cfg.train.seed)
         G = build_generator(cfg.model).to(plan.device).eval().requires_grad_(False)
