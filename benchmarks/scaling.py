@@ -4,6 +4,7 @@
     python benchmarks/scaling.py --preset demo-32         # the smallest model: the worst case
     python benchmarks/scaling.py --preset digan-128 --batch-per-worker 8 --steps 40
     python benchmarks/scaling.py --workers 1 2 4 --zero-stage 2
+    python benchmarks/scaling.py --preset demo-32 --elastic   # + the largest count as an elastic group
 
 Each row is a real run of `digan.train.launch` (Ray Train + DeepSpeed engines + the streaming demo loader),
 on a fresh local Ray cluster (or RAY_ADDRESS), with checkpoints, samples and metrics pushed past the end.
@@ -26,6 +27,10 @@ distributed code at all: the same per-worker training step (plain PyTorch, digan
 process alone, then in N independent processes at once, alternated `--ceiling-rounds` times. N copies
 that never talk reach ceiling x N x one copy; the workers' efficiency is then also reported relative
 to that ceiling, which is what the distributed code itself costs.
+
+`--elastic` runs the largest count once more as an elastic group (`dist.min_workers` = count - 1, the
+same workers placed) and prints what the elastic machinery costs per step against the fixed-size row
+(Ray Train's resize monitor in its controller; no extra work in the step when the count divides the batch).
 """
 
 from __future__ import annotations
@@ -98,7 +103,7 @@ class CpuSampler:
                 "other_cores": max(0.0, busy - workers - loaders)}
 
 
-def run_row(args: argparse.Namespace, num_workers: int, storage: str) -> dict:
+def run_row(args: argparse.Namespace, num_workers: int, storage: str, elastic: bool = False) -> dict:
     from digan.train import launch
 
     log_every = args.log_every
@@ -108,9 +113,10 @@ def run_row(args: argparse.Namespace, num_workers: int, storage: str) -> dict:
         f"train.batch_size={args.batch_per_worker * num_workers}",
         f"train.total_kimg={args.steps * args.batch_per_worker * num_workers / 1000}",
         f"train.log_every_steps={log_every}", "train.checkpoint_kimg=1000000", "train.sample_kimg=1000000",
-        "metrics.metrics=[]", f"train.storage_path={storage}", f"train.run_name=scaling-w{num_workers}",
+        "metrics.metrics=[]", f"train.storage_path={storage}",
+        f"train.run_name=scaling-w{num_workers}{'-elastic' if elastic else ''}",
         f"data.num_workers={args.data_workers}", "dist.max_failures=0",
-    ]
+    ] + ([f"dist.min_workers={max(1, num_workers - 1)}"] if elastic else [])
     cfg = load_config(args.preset, overrides + args.overrides)
     before = load_avg()
     stats_file = Path(storage) / cfg.train.run_name / "stats.jsonl"
@@ -123,7 +129,7 @@ def run_row(args: argparse.Namespace, num_workers: int, storage: str) -> dict:
     windows = [s for s in stats if s["step"] % log_every == 0][1:]  # drop the first window (warm-up)
     if not windows:
         raise SystemExit(f"--steps {args.steps} leaves no measured window after warm-up (log every {log_every})")
-    return {"workers": num_workers, "samples_per_s": statistics.median(s["samples_per_s"] for s in windows),
+    return {"workers": num_workers, "elastic": elastic, "samples_per_s": statistics.median(s["samples_per_s"] for s in windows),
             "it_per_s": statistics.median(s["it_per_s"] for s in windows),
             "data_wait_frac": statistics.median(s["data_wait_frac"] for s in windows),
             # samples per CPU-second of the training processes (cpu_util is the per-rank mean)
@@ -198,6 +204,9 @@ def main() -> int:
     p.add_argument("--ceiling-steps", type=int, default=30,
                    help="steps per copy for the machine's ceiling on CPU (0 = skip it)")
     p.add_argument("--ceiling-rounds", type=int, default=2, help="alone / together alternations for the ceiling")
+    p.add_argument("--elastic", action="store_true",
+                   help="also run the largest count as an elastic group (dist.min_workers = count - 1) and print "
+                        "what the elastic machinery costs against the fixed-size row")
     p.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)  # internal: one copy
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="more config overrides")
     args = p.parse_args()
@@ -230,6 +239,16 @@ def main() -> int:
                       f"+ everything else {r['other_cores']:.2f} (Ray's control plane and actors, other users)",
                       flush=True)
     print_efficiency(rows)
+    if args.elastic:
+        with tempfile.TemporaryDirectory(prefix="digan-scaling-") as storage:
+            rows.append(run_row(args, max(args.workers), storage, elastic=True))
+        fixed = next(r for r in rows if r["workers"] == max(args.workers) and not r["elastic"])
+        r = rows[-1]
+        r["elastic_overhead"] = 1 - r["samples_per_s"] / fixed["samples_per_s"]
+        print(f"\nelastic {r['workers']} workers (min {max(1, r['workers'] - 1)}): {r['samples_per_s']:.2f} samples/s "
+              f"vs {fixed['samples_per_s']:.2f} fixed: the elastic machinery costs {100 * r['elastic_overhead']:.1f} % "
+              f"(target < 2 %: {'met' if r['elastic_overhead'] < 0.02 else 'NOT met'}; load {r['load_before']} -> "
+              f"{r['load_after']})", flush=True)
     if device.startswith("CPU") and args.ceiling_steps > 0:
         ceilings(args, rows)
     print(json.dumps({"rows": rows}))
@@ -238,6 +257,7 @@ def main() -> int:
 
 def print_efficiency(rows: list[dict]) -> None:
     """Weak-scaling efficiency of every row against the first (and its CPU-normalised variant)."""
+    rows = [r for r in rows if not r.get("elastic")]
     base = rows[0]
     print("\nworkers  samples/s  efficiency  | CPU/worker  samples/CPU-s  CPU-normalised efficiency")
     for r in rows:
@@ -256,7 +276,7 @@ def ceilings(args: argparse.Namespace, rows: list[dict]) -> None:
     """The machine's ceiling for each multi-worker row: independent copies of one worker's step at once."""
     print(f"\nthe machine's ceiling: independent copies of one worker's step (no Ray, no DeepSpeed, "
           f"{args.threads} thread(s) each), {args.ceiling_rounds} rounds")
-    for r in rows[1:]:
+    for r in [r for r in rows[1:] if not r.get("elastic")]:
         n = r["workers"]
         if n == rows[0]["workers"]:
             continue

@@ -44,10 +44,13 @@ def plan(cfg: Config) -> str:
     d, t = cfg.dist, cfg.train
     gpu = {None: "GPU if the cluster has one", True: "GPU", False: "CPU"}[d.use_gpu]
     where = d.ray_address or os.environ.get("RAY_ADDRESS") or "a new local Ray cluster"
+    workers = (f"{d.min_workers} to {d.num_workers} (elastic, resized every {d.resize_interval_s:g} s when nodes "
+               "come or go)" if d.elastic else f"{d.num_workers}")
+    share = "its share" if d.elastic else f"{t.batch_size // d.num_workers}"
     return "\n".join([
-        f"plan: {d.num_workers} Ray Train worker(s) on {where} ({gpu}, {d.cpus_per_worker} CPU each), "
+        f"plan: {workers} Ray Train worker(s) on {where} ({gpu}, {d.cpus_per_worker} CPU each), "
         f"DeepSpeed ZeRO-{d.zero_stage} {d.precision}",
-        f"      global batch {t.batch_size} ({t.batch_size // d.num_workers} per worker), "
+        f"      global batch {t.batch_size} ({share} per worker), "
         f"{t.total_kimg:g} kimg = {_steps(t.total_kimg, t.batch_size)} steps, data {cfg.data.source}",
         f"      run {join(t.storage_path, t.run_name)}: checkpoint every {t.checkpoint_kimg:g} kimg"
         + (f" or {t.checkpoint_minutes:g} min" if t.checkpoint_minutes else "") + " (keep "
@@ -72,7 +75,8 @@ def _explain(error: BaseException, cfg: Config, use_gpu: bool) -> BaseException:
     """Ray Train's startup-timeout failure as one line; any other error as it is."""
     cause = getattr(error, "controller_failure", None)
     if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
-        need = f"{cfg.dist.num_workers} workers x {cfg.dist.cpus_per_worker} CPU"
+        count = f"at least {cfg.dist.min_workers}" if cfg.dist.elastic else f"{cfg.dist.num_workers}"
+        need = f"{count} workers x {cfg.dist.cpus_per_worker} CPU"
         return RunError(f"could not start {need}{' + 1 GPU' if use_gpu else ''} for "
                         f"{cfg.dist.worker_wait_s:g} s (dist.worker_wait_s): the cluster has too few free "
                         "resources (a lost node?); the run resumes from its last checkpoint when resubmitted")
@@ -145,7 +149,9 @@ def _trainer(cfg: Config, fs, storage_fs_path: str, use_gpu: bool, stop_flag, ca
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "stop_flag": stop_flag},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=(cfg.dist.min_workers, cfg.dist.num_workers) if cfg.dist.elastic else cfg.dist.num_workers,
+            use_gpu=use_gpu, resources_per_worker=resources, elastic_resize_monitor_interval_s=cfg.dist.resize_interval_s),
         run_config=RunConfig(
             name=cfg.train.run_name,
             storage_path=storage_fs_path,

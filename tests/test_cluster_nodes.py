@@ -161,3 +161,52 @@ def test_lost_node_that_never_returns_fails_within_the_wait(two_nodes, tmp_path)
     assert len(lines) == 1 and "could not start 2 workers x 1 CPU for 60 s (dist.worker_wait_s)" in lines[0], \
         logs[-3000:]
     assert "Traceback" not in logs.split(lines[0])[1]  # nothing after the line
+
+
+def test_elastic_run_goes_on_with_fewer_workers_and_grows_back(two_nodes, tmp_path):
+    """dist.min_workers=1, dist.num_workers=2 (elastic): when the second node's raylet is killed the run goes on
+    with one worker from its latest checkpoint instead of waiting for the node; when the node comes back, Ray
+    Train grows the group to two again (within dist.resize_interval_s). Every step is logged once, with the
+    worker count that took it; the global batch stays 8 throughout (shares 4 + 4, then 8)."""
+    every = 10
+    c = two_nodes
+    c.submit("elastic", "dist.num_workers=2", "dist.min_workers=1", "dist.resize_interval_s=10",
+             f"train.storage_path={tmp_path}", "train.run_name=elastic", f"train.total_kimg={100000 * BATCH / 1000}",
+             f"train.checkpoint_kimg={every * BATCH / 1000}", "dist.max_failures=5")
+    stats_file = tmp_path / "elastic" / "stats.jsonl"
+
+    def worlds() -> list[tuple[int, int]]:
+        """(step, worker count) of every logged step so far (the file is rewritten after a rollback)."""
+        if not stats_file.is_file():
+            return []
+        rows = [json.loads(line) for line in stats_file.read_text().splitlines() if line.strip()]
+        return [(int(r["step"]), int(r["world_size"])) for r in rows if "world_size" in r]
+
+    wait_for(lambda: (tmp_path / "elastic" / ckpt.checkpoint_name(every) / ckpt.GENERATOR_FILE).is_file(), 420,
+             "the first checkpoint")
+    assert {w for _, w in worlds()} == {2}
+    kill_raylet(c.second)
+    t_kill = time.monotonic()
+    wait_for(lambda: any(w == 1 for _, w in worlds()), 300, "steps on one worker after the node loss")
+    shrunk_after = time.monotonic() - t_kill
+    # A resize restarts the group from the latest checkpoint: let the one-worker group write one of its own.
+    first_single = min(s for s, w in worlds() if w == 1)
+    own = (first_single // every + 1) * every
+    wait_for(lambda: (tmp_path / "elastic" / ckpt.checkpoint_name(own) / ckpt.GENERATOR_FILE).is_file(), 300,
+             "a checkpoint of the one-worker group")
+    c.second.stop()
+    c.start_second()  # the machine comes back
+    last_single = max(s for s, w in worlds() if w == 1)
+    wait_for(lambda: any(w == 2 and s > last_single for s, w in worlds()), 300, "the group to grow back to 2")
+    from ray.job_submission import JobSubmissionClient
+
+    JobSubmissionClient(c.dashboard).stop_job("elastic")
+    c.wait_job("elastic", 180)
+    log = worlds()
+    steps = [s for s, _ in log]
+    assert len(steps) == len(set(steps)) and steps == sorted(steps), "each step once, in order"
+    phases = [w for i, (_, w) in enumerate(log) if i == 0 or w != log[i - 1][1]]
+    assert phases[:3] == [2, 1, 2], phases
+    assert shrunk_after < 240, shrunk_after
+    last = json.loads(stats_file.read_text().splitlines()[-1])
+    assert last["restarts"] >= 2, last["restarts"]  # the shrink and the growth each resumed from a checkpoint

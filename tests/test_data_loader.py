@@ -252,3 +252,24 @@ def test_tar_reader_names_formats_and_damage(fmt):
     assert list(iter_records(io.BytesIO(raw[: last.offset_data + 100]), "u", lambda p, e: cut.append((p, e)))) \
         == recs[:1]
     assert cut[0][0]["__key__"] == "c1_0000" and isinstance(cut[0][1], TarError)
+
+
+def test_exact_epochs_with_unequal_shares_of_an_elastic_group(demo):
+    """Three ranks of an elastic group sharing a global batch of 16 as 8 + 4 + 4: each takes its own number of
+    clips per step, all take the same number of steps, and every clip is read at most once per epoch."""
+    from digan.distributed.utils import batch_slice
+
+    cfg = DataConfig(source=str(demo), num_workers=0, resampled=False, shuffle_buffer=32)
+    shares = [batch_slice(16, 3, r, 4) for r in range(3)]
+    loaders = [build_pair_loader(cfg, 32, n, rank=r, world_size=3, seed=5, batch_start=s, global_batch=16)
+               for r, (s, n) in enumerate(shares)]
+    assert [len(lo) for lo in loaders] == [369 // 16] * 3
+    seen = []
+    for loader, (_, n) in zip(loaders, shares):
+        steps = 0
+        for pair, _ in loader:
+            assert pair.shape[0] == n
+            seen += loader.last_keys
+            steps += 1
+        assert steps == 369 // 16
+    assert len(seen) == len(set(seen)) == 23 * 16

@@ -314,3 +314,45 @@ def test_stale_checkpoint_staging_folders_are_cleaned(tmp_path):
         (d / "G").mkdir(parents=True)
     assert clean_stale_staging(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_batch_shares_of_any_group_size_and_their_weights():
+    """An elastic group of any size in its range shares a global batch: even shares when it divides the batch
+    (every fixed-size run), else whole minibatch-stddev groups differing by one group; the share weights make
+    the mean over ranks of the ranks' weighted mean losses the global batch's mean, gradients included."""
+    from digan.distributed.utils import batch_slice, share_weight
+
+    assert [batch_slice(16, 2, r, 4) for r in range(2)] == [(0, 8), (8, 8)]
+    assert [batch_slice(16, 8, r, 4) for r in range(8)] == [(2 * r, 2) for r in range(8)]  # divides: as before
+    assert [batch_slice(64, 3, r, 4) for r in range(3)] == [(0, 24), (24, 20), (44, 20)]
+    assert [batch_slice(16, 3, r, 4) for r in range(3)] == [(0, 8), (8, 4), (12, 4)]
+    for batch, world in ((64, 3), (64, 5), (64, 7), (16, 3), (48, 5)):
+        shares = [batch_slice(batch, world, r, 4) for r in range(world)]
+        assert [s for s, _ in shares] == [sum(n for _, n in shares[:r]) for r in range(world)]  # contiguous
+        assert sum(n for _, n in shares) == batch and all(n % 4 == 0 and n > 0 for _, n in shares)
+        assert max(n for _, n in shares) - min(n for _, n in shares) <= 4
+    with pytest.raises(ValueError, match="cannot be shared"):
+        batch_slice(16, 5, 0, 4)  # 4 groups for 5 ranks
+    torch.manual_seed(0)
+    w, x = torch.randn(3, requires_grad=True), torch.randn(64, 3)
+    per_sample = lambda rows: (rows @ w).tanh()  # noqa: E731
+    (g_global,) = torch.autograd.grad(per_sample(x).mean(), w)
+    ranks = [batch_slice(64, 3, r, 4) for r in range(3)]
+    # What the engines do: each rank backpropagates weight * its own mean; the all-reduce averages over ranks.
+    g_ranks = [torch.autograd.grad(share_weight(n, 64, 3) * per_sample(x[s:s + n]).mean(), w)[0] for s, n in ranks]
+    torch.testing.assert_close(torch.stack(g_ranks).mean(0), g_global, rtol=1e-6, atol=1e-7)
+
+
+def test_elastic_config_needs_a_batch_every_group_size_can_share():
+    from digan.config import ConfigError, load_config
+
+    cfg = load_config("demo-32", ["dist.min_workers=1", "dist.num_workers=4"])
+    assert cfg.dist.elastic and not load_config("demo-32").dist.elastic
+    with pytest.raises(ConfigError, match=r"^train.batch_size=16: elastic training needs a multiple of "
+                                          r"model.mbstd_group=4 with at least dist.num_workers=5 groups"):
+        load_config("demo-32", ["dist.min_workers=2", "dist.num_workers=5"])
+    with pytest.raises(ConfigError, match=r"^dist.min_workers=3: must be in \[0, dist.num_workers=2\]"):
+        load_config("demo-32", ["dist.min_workers=3"])
+    # A fixed size keeps its own rule (an even share per worker).
+    with pytest.raises(ConfigError, match="must be divisible by dist.num_workers=3"):
+        load_config("demo-32", ["dist.num_workers=3"])

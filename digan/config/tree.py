@@ -199,7 +199,9 @@ class TrainConfig:
 class DistConfig:
     """Ray Train workers and the DeepSpeed engines that wrap G and the two Ds."""
 
-    num_workers: int = 1  # Ray Train workers (one per GPU on GPU clusters)
+    num_workers: int = 1  # Ray Train workers (one per GPU on GPU clusters); with min_workers, the most
+    min_workers: int = 0  # > 0: elastic, between min_workers and num_workers as nodes come and go; 0 = fixed
+    resize_interval_s: float = 60.0  # elastic: how often Ray Train looks for room to grow the worker group
     use_gpu: bool | None = None  # None = use GPUs when the cluster has them
     cpus_per_worker: int = 1
     malloc_keep_freed: bool = True  # CPU: glibc malloc keeps freed tensor memory for reuse (digan/malloc.py)
@@ -209,8 +211,15 @@ class DistConfig:
     worker_wait_s: float = 600.0  # workers that cannot start (lost nodes, too few CPUs/GPUs): fail after ~this; 0 = wait
     ray_address: str | None = None  # attach to this cluster (else RAY_ADDRESS, else a local cluster)
 
+    @property
+    def elastic(self) -> bool:
+        return 0 < self.min_workers < self.num_workers
+
     def validate(self) -> None:
         need(self.num_workers >= 1, f"dist.num_workers={self.num_workers}: must be >= 1")
+        need(0 <= self.min_workers <= self.num_workers,
+             f"dist.min_workers={self.min_workers}: must be in [0, dist.num_workers={self.num_workers}] (0 = fixed)")
+        need(self.resize_interval_s > 0, f"dist.resize_interval_s={self.resize_interval_s}: must be > 0 (seconds)")
         need(self.cpus_per_worker >= 1, f"dist.cpus_per_worker={self.cpus_per_worker}: must be >= 1")
         need(self.zero_stage in (0, 1, 2),
              f"dist.zero_stage={self.zero_stage}: must be 0, 1 or 2 (ZeRO-3 gives wrong gradients with R1)")
@@ -259,6 +268,12 @@ class Config:
         """Every section checks itself; then what spans sections. Raises ConfigError (one line naming the key)."""
         for section in (self.model, self.loss, self.optim, self.data, self.train, self.dist, self.metrics):
             section.validate()
-        need(self.train.batch_size % self.dist.num_workers == 0,
-             f"train.batch_size={self.train.batch_size}: must be divisible by dist.num_workers={self.dist.num_workers}")
+        b, d, unit = self.train.batch_size, self.dist, self.model.mbstd_group
+        if d.elastic:
+            # Any worker count in the range must get a share of whole minibatch-stddev groups (digan.distributed.utils).
+            need(b % unit == 0 and b // unit >= d.num_workers,
+                 f"train.batch_size={b}: elastic training needs a multiple of model.mbstd_group={unit} with at least "
+                 f"dist.num_workers={d.num_workers} groups of it")
+        else:
+            need(b % d.num_workers == 0, f"train.batch_size={b}: must be divisible by dist.num_workers={d.num_workers}")
         return self

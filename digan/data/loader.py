@@ -38,8 +38,13 @@ class ClipStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: list[str], mode: str, resolution: int, num_frames: int, batch_size: int,
                  rank: int, world_size: int, seed: int, resampled: bool, batches_per_worker: int | None,
                  shuffle_buffer: int, partial: bool, s3: S3Settings, start_epoch: int = 0, direct: bool = False,
-                 shard_clips: list[int] | None = None, stall_timeout_s: float = 300.0):
+                 shard_clips: list[int] | None = None, stall_timeout_s: float = 300.0,
+                 global_batch: int | None = None, batch_start: int | None = None):
         super().__init__()
+        # This rank's batches hold global samples [batch_start, batch_start + batch_size) of every global batch of
+        # `global_batch` (even shares unless an elastic group's size does not divide it: digan.distributed.utils).
+        self.global_batch = world_size * batch_size if global_batch is None else global_batch
+        self.batch_start = rank * batch_size if batch_start is None else batch_start
         self.direct = direct  # the manifest says frames are stored at `resolution`: decode into the batch
         self.shards, self.mode, self.resolution, self.num_frames = shards, mode, resolution, num_frames
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
@@ -57,8 +62,8 @@ class ClipStream(torch.utils.data.IterableDataset):
         return self.shard_clips is not None
 
     def steps_per_epoch(self) -> int:
-        """Exact epochs: batches per rank per epoch (the same on every rank)."""
-        return sum(self.shard_clips) // (self.world_size * self.batch_size)
+        """Exact epochs: batches per rank per epoch (the same on every rank: global batches per epoch)."""
+        return sum(self.shard_clips) // self.global_batch
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_endless"}  # generators do not pickle
@@ -227,7 +232,7 @@ def _start_method(cfg: DataConfig, shards: list[str]) -> str:
 
 
 def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, rank: int = 0, world_size: int = 1,
-                      seed: int = 0) -> StreamLoader:
+                      seed: int = 0, batch_start: int | None = None, global_batch: int | None = None) -> StreamLoader:
     """DIGAN training pairs of one rank: iterates `(pair float32 [B,2,3,R,R] in [-1,1], dt float32 [B])`.
 
     Shards built at a larger resolution are centre-cropped and downscaled on the fly (antialiased);
@@ -241,21 +246,25 @@ def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, r
     (W ranks, B clips per rank batch) are left out of that epoch (a different tail every epoch).
     Rejected records are replaced by repeats of the share's own clips (counted as `padded`), so every
     rank takes the same number of steps. A restored loader resumes inside the epoch it was saved in.
+
+    Ranks of an elastic group whose size does not divide the global batch take unequal shares:
+    `batch_start` (this rank's first sample of each global batch) and `global_batch` say which.
     """
     src = check_source(cfg, resolution)
-    readers = world_size * max(1, cfg.num_workers)
+    global_batch = world_size * batch_per_worker if global_batch is None else global_batch
     bpw, clips = None, None
     if cfg.resampled:
         epoch_clips = cfg.epoch_clips or src.manifest["num_clips"]  # check_source made sure there is one
-        bpw = max(1, math.ceil(epoch_clips / (readers * batch_per_worker)))
+        bpw = max(1, math.ceil(epoch_clips / (max(1, cfg.num_workers) * global_batch)))
     else:
         clips = src.clips if src.clips is not None else count_clips(src.shards, s3_settings(cfg))
-        if sum(clips) < world_size * batch_per_worker:
+        if sum(clips) < global_batch:
             raise ValueError(f"data.source={src.location!r}: {sum(clips)} clips, fewer than one global batch "
-                             f"({world_size} x {batch_per_worker})")
+                             f"({global_batch})")
     ds = ClipStream(src.shards, "pair", resolution, cfg.num_frames, batch_per_worker, rank, world_size, seed,
                     cfg.resampled, bpw, cfg.shuffle_buffer, partial=False, s3=s3_settings(cfg), direct=src.direct,
-                    shard_clips=clips, stall_timeout_s=cfg.stall_timeout_s)
+                    shard_clips=clips, stall_timeout_s=cfg.stall_timeout_s, global_batch=global_batch,
+                    batch_start=batch_start)
     return StreamLoader(ds, cfg.num_workers, _start_method(cfg, src.shards))
 
 

@@ -107,9 +107,10 @@ class ShardReader:
     def share(self) -> tuple[list[dict], int]:
         """Exact epochs: ([{url, lo, hi}] record ranges of this reader's share, its number of batches).
 
-        The epoch's clips in a seeded shard order (the same on every rank) are cut into W ranks x S
-        batches of B (S = floor(N / (W*B))); rank r takes batches [r*S, (r+1)*S), its workers
-        contiguous runs of those. The N - W*S*B clips at the end of the order sit this epoch out.
+        The epoch's clips in a seeded shard order (the same on every rank) are cut into S = floor(N / G)
+        global batches' worth (G = the global batch); rank r takes the S x B_r clips after the S x (B_0 + ...
+        + B_{r-1}) of the ranks before it (B_r: its share of a global batch), its workers contiguous runs of
+        whole batches of those. The N - S*G clips at the end of the order sit this epoch out.
         """
         ds = self.ds
         order = list(range(len(ds.shards)))
@@ -118,7 +119,7 @@ class ShardReader:
         base, extra = divmod(steps, self.num_workers)
         first = self.worker * base + min(self.worker, extra)
         mine = base + (self.worker < extra)
-        start = (ds.rank * steps + first) * b
+        start = steps * ds.batch_start + first * b  # ranks before this one took steps x their shares
         end = start + mine * b
         ranges, pos = [], 0
         for i in order:

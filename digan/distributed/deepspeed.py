@@ -84,9 +84,10 @@ class DeepSpeedUpdater:
     zeroes the gradients.
     """
 
-    def __init__(self, engine, grad_clamp: float = 1e5):
+    def __init__(self, engine, grad_clamp: float = 1e5, loss_weight: float = 1.0):
         self.engine = engine
         self.grad_clamp = grad_clamp
+        self.loss_weight = loss_weight  # a rank's share of an unevenly split global batch (utils.share_weight)
         self._hooks = []
         if not engine.fp16_enabled():
             for p in engine.module.parameters():
@@ -110,7 +111,7 @@ class DeepSpeedUpdater:
             self.engine.zero_grad()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self.engine.backward(loss if self.loss_weight == 1.0 else loss * self.loss_weight)
 
     def step(self) -> None:
         self.engine.step()

@@ -9,7 +9,7 @@ import torch
 from digan.config import Config
 from digan.distributed import checkpoint as ckpt
 from digan.distributed.deepspeed import DeepSpeedUpdater, build_ds_config, initialize_engine
-from digan.distributed.utils import dist_mean, seed_everything, seed_for_rank
+from digan.distributed.utils import batch_slice, dist_mean, seed_everything, seed_for_rank, share_weight
 from digan.models import cpu_kernels
 from digan.training.latents import KeyedLatents
 from digan.training.recipe import Trainer
@@ -24,7 +24,10 @@ class GANRuntime(Trainer):
 
     def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device):
         self.rank, self.world_size = rank, world_size
-        self.batch_per_worker = cfg.train.batch_size // world_size
+        # This rank's share of the global batch: global samples [batch_start, batch_start + batch_per_worker).
+        self.batch_start, self.batch_per_worker = batch_slice(cfg.train.batch_size, world_size, rank,
+                                                              cfg.model.mbstd_group)
+        self.weight = share_weight(self.batch_per_worker, cfg.train.batch_size, world_size)
         ds_config = build_ds_config(cfg.dist, self.batch_per_worker)
         _skip_shm_comm_build(device)
         cpu_kernels.enable(device.type == "cpu")  # kernels for CPU speed (same function; see the module)
@@ -32,15 +35,14 @@ class GANRuntime(Trainer):
         # Same seed on every rank: identical initial weights (DeepSpeed also broadcasts rank 0's).
         seed_everything(cfg.train.seed)
         super().__init__(cfg, device, lambda m, opt: DeepSpeedUpdater(initialize_engine(m, opt, ds_config, device),
-                                                                      cfg.optim.grad_clamp),
+                                                                      cfg.optim.grad_clamp, self.weight),
                          latents=self.latents, nets_on_device=False)
         # Augmentation and xflip draw from this rank's own stream.
         seed_everything(seed_for_rank(cfg.train.seed, rank))
 
     def local_sample_ids(self) -> torch.Tensor:
-        """Global indices of this rank's samples: rank r holds [r * B_local, (r + 1) * B_local)."""
-        b = self.batch_per_worker
-        return torch.arange(self.rank * b, (self.rank + 1) * b)
+        """Global indices of this rank's samples (`batch_slice`)."""
+        return torch.arange(self.batch_start, self.batch_start + self.batch_per_worker)
 
     def begin_step(self, real_pair: torch.Tensor, sample_ids: torch.Tensor | None) -> None:
         if real_pair.shape[0] != self.batch_per_worker:
@@ -51,7 +53,8 @@ class GANRuntime(Trainer):
         return self.cfg.train.batch_size
 
     def mean_over_ranks(self, value: float) -> float:
-        return dist_mean({"r_t": value})["r_t"]
+        """The global batch's mean of a per-rank mean (ranks weighted by their shares)."""
+        return dist_mean({"r_t": value * self.weight})["r_t"]
 
     # -- checkpoint parts (collective: every rank calls) --------------------------------------------
 

@@ -26,6 +26,29 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def batch_slice(batch: int, world: int, rank: int, unit: int = 1) -> tuple[int, int]:
+    """(first global sample index, number of samples) of `rank`'s share of a global batch of `batch`.
+
+    Even shares when `world` divides `batch` (every fixed-size run); otherwise, as an elastic group of any size
+    may be, shares of whole `unit`s (D's minibatch-stddev group) that differ by at most one unit, the first
+    ranks taking the larger ones. Ranks then weight their losses by share * world / batch so that the
+    averaged gradient is still the global batch's mean (`share_weight`).
+    """
+    if batch % world == 0:
+        size = batch // world
+        return rank * size, size
+    if batch % unit or batch // unit < world:
+        raise ValueError(f"a batch of {batch} cannot be shared by {world} ranks in groups of {unit}")
+    base, extra = divmod(batch // unit, world)
+    start = (rank * base + min(rank, extra)) * unit
+    return start, (base + (rank < extra)) * unit
+
+
+def share_weight(size: int, batch: int, world: int) -> float:
+    """The factor on a rank's mean loss that makes the mean over ranks the mean over the global batch."""
+    return size * world / batch
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

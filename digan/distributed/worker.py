@@ -155,7 +155,8 @@ def _start(cfg: Config) -> _Run:
     rt = GANRuntime(cfg, rank, world_size, device)
     state = TrainState()
     # This rank's shard stream (resampled or exact epochs: every rank runs the same number of steps).
-    loader = build_pair_loader(cfg.data, cfg.model.resolution, rt.batch_per_worker, rank, world_size, cfg.train.seed)
+    loader = build_pair_loader(cfg.data, cfg.model.resolution, rt.batch_per_worker, rank, world_size, cfg.train.seed,
+                               batch_start=rt.batch_start, global_batch=cfg.train.batch_size)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -223,7 +224,8 @@ def _report(cfg: Config, run: _Run, window: "_Window", due_metrics: bool, due_ck
     if bad:
         raise FloatingPointError(f"training diverged: non-finite {', '.join(bad)} around step {state.step} "
                                  f"(kimg {state.cur_nimg / 1000:.3f}); lower optim.lr or loss.r1_gamma")
-    metrics.update(step=state.step, kimg=state.cur_nimg / 1000, restarts=len(state.resumed_from))
+    metrics.update(step=state.step, kimg=state.cur_nimg / 1000, restarts=len(state.resumed_from),
+                   world_size=run.world_size)
     if due_metrics:
         metrics.update(_compute_metrics(cfg, run.rt, run.rank, run.world_size))
     run.logger.log(state.step, metrics)
