@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 
 from digan.config import Config, add_config_args, config_from_args, dump_yaml, to_dict
-from digan.distributed.cluster import StopFlag, init_ray, quiet_ray_false_alarms, startup_retries, worker_env
+from digan.distributed.cluster import (ElasticWait, StopFlag, init_ray, quiet_ray_false_alarms, startup_retries,
+                                       worker_env)
 from digan.storage import display_path, is_s3, join
 
 
@@ -131,6 +132,8 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     stop_flag = ray.remote(num_cpus=0)(StopFlag).options(scheduling_strategy=here).remote()
+    if cfg.dist.elastic:
+        ElasticWait.track()
     trainer = _trainer(cfg, fs, storage_fs_path, use_gpu, stop_flag, callbacks)
     print(plan(cfg), flush=True)
     result, stopped = _fit(trainer, stop_flag, handle_signals, cfg, use_gpu)
@@ -196,6 +199,8 @@ def _fit(trainer, stop_flag, handle_signals: bool, cfg: Config, use_gpu: bool):
             previous[s] = signal.signal(s, _on_signal)
     thread = threading.Thread(target=_run, name="digan-fit", daemon=True)
     thread.start()
+    d = cfg.dist
+    watch = ElasticWait(cfg.train.run_name, d.worker_wait_s) if d.elastic and d.worker_wait_s > 0 else None
     try:
         flagged = False
         while thread.is_alive():
@@ -203,6 +208,11 @@ def _fit(trainer, stop_flag, handle_signals: bool, cfg: Config, use_gpu: bool):
             if requested.is_set() and not flagged:
                 ray.get(stop_flag.set.remote())
                 flagged = True
+            if watch is not None and watch.expired():  # the fit thread is a daemon: it ends with this process
+                raise RunError(f"could not run at least {d.min_workers} workers x {d.cpus_per_worker} CPU"
+                               f"{' + 1 GPU' if use_gpu else ''} for {d.worker_wait_s:g} s (dist.worker_wait_s, "
+                               "dist.min_workers): the cluster has too few free resources (a lost node?); the run "
+                               "resumes from its last checkpoint when resubmitted")
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

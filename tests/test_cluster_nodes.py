@@ -210,3 +210,25 @@ def test_elastic_run_goes_on_with_fewer_workers_and_grows_back(two_nodes, tmp_pa
     assert shrunk_after < 240, shrunk_after
     last = json.loads(stats_file.read_text().splitlines()[-1])
     assert last["restarts"] >= 2, last["restarts"]  # the shrink and the growth each resumed from a checkpoint
+
+
+def test_elastic_run_below_its_minimum_fails_within_the_wait(two_nodes, tmp_path):
+    """dist.min_workers=2 of at most 3, one CPU per node: after the second node is lost for good only one worker
+    can be placed, and Ray Train's elastic policy would wait for a second forever. The driver watches the run's
+    status instead: after dist.worker_wait_s without a running group the job fails with one line."""
+    c = two_nodes
+    c.submit("below", "dist.num_workers=3", "dist.min_workers=2", "train.batch_size=12",
+             f"train.storage_path={tmp_path}", "train.run_name=below", f"train.total_kimg={1000 * 12 / 1000}",
+             f"train.checkpoint_kimg={2 * 12 / 1000}", "dist.worker_wait_s=60", "dist.max_failures=3")
+    first = tmp_path / "below" / ckpt.checkpoint_name(2) / ckpt.GENERATOR_FILE
+    wait_for(first.is_file, 420, "the first checkpoint")
+    kill_raylet(c.second)
+    t0 = time.monotonic()
+    status = c.wait_job("below", 420)
+    waited = time.monotonic() - t0
+    logs = c.logs("below")
+    assert status == "FAILED", logs[-3000:]
+    assert 60 <= waited <= 300, waited
+    lines = [ln for ln in logs.splitlines() if ln.startswith("digan.train: ")]
+    assert len(lines) == 1 and "could not run at least 2 workers x 1 CPU for 60 s (dist.worker_wait_s" in lines[0], \
+        logs[-3000:]

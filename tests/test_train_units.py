@@ -326,6 +326,7 @@ def test_batch_shares_of_any_group_size_and_their_weights():
     assert [batch_slice(16, 8, r, 4) for r in range(8)] == [(2 * r, 2) for r in range(8)]  # divides: as before
     assert [batch_slice(64, 3, r, 4) for r in range(3)] == [(0, 24), (24, 20), (44, 20)]
     assert [batch_slice(16, 3, r, 4) for r in range(3)] == [(0, 8), (8, 4), (12, 4)]
+    assert [batch_slice(12, 2, r, 4) for r in range(2)] == [(0, 8), (8, 4)]  # not 6 + 6: whole groups
     for batch, world in ((64, 3), (64, 5), (64, 7), (16, 3), (48, 5)):
         shares = [batch_slice(batch, world, r, 4) for r in range(world)]
         assert [s for s, _ in shares] == [sum(n for _, n in shares[:r]) for r in range(world)]  # contiguous

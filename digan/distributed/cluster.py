@@ -100,3 +100,47 @@ def startup_retries(worker_wait_s: float) -> int:
     """Ray's controller_failure_limit for `dist.worker_wait_s` (Ray's default, -1, retries forever: a run whose
     node is gone for good would sit in RUNNING, its controller logging startup timeouts)."""
     return -1 if worker_wait_s <= 0 else max(1, math.ceil(worker_wait_s / WORKER_START_TIMEOUT_S))
+
+
+class ElasticWait:
+    """Bounds how long an elastic run may wait for `dist.min_workers`.
+
+    Ray Train's elastic policy never gives up on a group it cannot place: with fewer than min_workers placeable it
+    keeps the run RESTARTING or SCHEDULING forever. The driver polls the run's status in Ray Train's state actor
+    (every `poll_s`; `track()` turns that tracking on, before the trainer starts); `expired()` is True once the
+    run has been known and not RUNNING (nor finished) for `wait_s` in a row. An unknown status never counts.
+    """
+
+    @staticmethod
+    def track() -> None:
+        """Ray Train keeps run states (its state actor) only with RAY_TRAIN_ENABLE_STATE_TRACKING=1 in the driver."""
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+
+    def __init__(self, run_name: str, wait_s: float, poll_s: float = 5.0):
+        import time
+
+        self.run_name, self.wait_s, self.poll_s = run_name, wait_s, poll_s
+        self.clock = time.monotonic
+        self.since = self.clock()  # not running since (the start counts: a first group may never be placed)
+        self.next_poll = 0.0
+
+    def status(self) -> str | None:
+        """The latest run of this name: its RunStatus value, or None while Ray Train has not registered it."""
+        import ray
+        from ray.train.v2._internal.state.state_actor import get_state_actor
+
+        actor = get_state_actor()
+        if actor is None:
+            return None
+        runs = [r for r in ray.get(actor.get_train_runs.remote(), timeout=30).values() if r.name == self.run_name]
+        return max(runs, key=lambda r: r.start_time_ns).status.value if runs else None
+
+    def expired(self) -> bool:
+        now = self.clock()
+        if now < self.next_poll:
+            return False
+        self.next_poll = now + self.poll_s
+        if self.status() in (None, "RUNNING", "FINISHED", "ERRORED", "ABORTED"):
+            self.since = now
+            return False
+        return now - self.since > self.wait_s

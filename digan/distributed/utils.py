@@ -29,12 +29,14 @@ def comm_device() -> torch.device:
 def batch_slice(batch: int, world: int, rank: int, unit: int = 1) -> tuple[int, int]:
     """(first global sample index, number of samples) of `rank`'s share of a global batch of `batch`.
 
-    Even shares when `world` divides `batch` (every fixed-size run); otherwise, as an elastic group of any size
-    may be, shares of whole `unit`s (D's minibatch-stddev group) that differ by at most one unit, the first
-    ranks taking the larger ones. Ranks then weight their losses by share * world / batch so that the
-    averaged gradient is still the global batch's mean (`share_weight`).
+    Even shares when `world` divides `batch` into whole `unit`s (D's minibatch-stddev group); otherwise, as an
+    elastic group of any size may need, shares of whole units that differ by at most one unit, the first ranks
+    taking the larger ones (so no rank's D sees a partial group); even shares smaller than a unit when the batch
+    has fewer units than ranks. Ranks weight their losses by share * world / batch so that the averaged
+    gradient is still the global batch's mean (`share_weight`).
     """
-    if batch % world == 0:
+    even = batch % world == 0
+    if even and ((batch // world) % unit == 0 or batch // unit < world):
         size = batch // world
         return rank * size, size
     if batch % unit or batch // unit < world:
