@@ -137,9 +137,10 @@ class DeepSpeedUpdater:
     # the module weights from DeepSpeed's files and everything else from it (`load_full_optimizer_state`).
     ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
-    def full_optimizer_state(self) -> dict[str, Any] | None:
-        """Every parameter's fp32 master value and Adam moments, whole (collective: call on every rank; the
-        same dict on each), and Adam's step count. None without ZeRO (DeepSpeed's files hold it all then)."""
+    def full_optimizer_state(self, keep: bool = True) -> dict[str, Any] | None:
+        """Every parameter's fp32 master value and Adam moments, whole, and Adam's step count (collective: call
+        on every rank). Ranks that pass `keep=False` take part in the gathers but keep no host copy and get
+        None, as without ZeRO (DeepSpeed's files hold it all then)."""
         if not self.engine.zero_optimization():
             return None
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -152,10 +153,12 @@ class DeepSpeedUpdater:
         _link_optimizer_state(zero)
         params = {}
         for name, p in self.engine.module.named_parameters():
-            params[name] = {"param": safe_get_full_fp32_param(p).detach().cpu()}
+            gathered = {"param": safe_get_full_fp32_param(p)}  # each call is a collective
             for key in self.ADAM_KEYS:
-                params[name][key] = safe_get_full_optimizer_state(p, key).detach().cpu()
-        return {"params": params, "step": steps.pop()}
+                gathered[key] = safe_get_full_optimizer_state(p, key)
+            if keep:
+                params[name] = {k: v.detach().cpu() for k, v in gathered.items()}
+        return {"params": params, "step": steps.pop()} if keep else None
 
     def load_full_optimizer_state(self, directory: str, tag: str, full: dict[str, Any]) -> None:
         """Resume on another number of ranks: module weights from DeepSpeed's files, this rank's part of the

@@ -66,8 +66,8 @@ class GANRuntime(Trainer):
         which lets the checkpoint resume on another worker count."""
         for updater, path in self._engines(directory):
             updater.save_checkpoint(path, tag=ckpt.DS_TAG)
-            full = updater.full_optimizer_state()  # collective
-            if full is not None and self.rank == 0:
+            full = updater.full_optimizer_state(keep=self.rank == 0)  # collective; only rank 0 keeps a copy
+            if full is not None:
                 ckpt.atomic_torch_save(full, os.path.join(path, ckpt.FULL_OPTIMIZER_FILE))
 
     def load_engines(self, directory: str, same_world: bool = True) -> None:
