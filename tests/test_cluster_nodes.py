@@ -148,19 +148,25 @@ def test_lost_node_that_never_returns_fails_within_the_wait(two_nodes, tmp_path)
     c.submit("gone", "dist.num_workers=2", f"train.storage_path={tmp_path}", "train.run_name=gone",
              f"train.total_kimg={1000 * BATCH / 1000}", f"train.checkpoint_kimg={2 * BATCH / 1000}",
              "dist.worker_wait_s=60", "dist.max_failures=3")
-    first = tmp_path / "gone" / ckpt.checkpoint_name(2) / ckpt.GENERATOR_FILE
-    wait_for(first.is_file, 420, "the first checkpoint")
+    waited = _fails_once_the_node_is_gone(c, "gone", tmp_path / "gone",
+                                          "could not start 2 workers x 1 CPU for 60 s (dist.worker_wait_s)")
+    assert 60 <= waited <= 360, waited  # the node's death noticed, then ~2 startup attempts of 60 s
+
+
+def _fails_once_the_node_is_gone(c: TwoNodes, sid: str, run_dir: Path, says: str) -> float:
+    """After the run's first checkpoint (step 2) kill the second raylet for good; the job must fail with exactly
+    one `digan.train:` line containing `says`, nothing after it. Returns the seconds from the kill to the end."""
+    wait_for((run_dir / ckpt.checkpoint_name(2) / ckpt.GENERATOR_FILE).is_file, 420, "the first checkpoint")
     kill_raylet(c.second)
     t0 = time.monotonic()
-    status = c.wait_job("gone", 420)
+    status = c.wait_job(sid, 420)
     waited = time.monotonic() - t0
-    logs = c.logs("gone")
+    logs = c.logs(sid)
     assert status == "FAILED", logs[-3000:]
-    assert 60 <= waited <= 360, waited  # the node's death noticed, then ~2 startup attempts of 60 s
     lines = [ln for ln in logs.splitlines() if ln.startswith("digan.train: ")]
-    assert len(lines) == 1 and "could not start 2 workers x 1 CPU for 60 s (dist.worker_wait_s)" in lines[0], \
-        logs[-3000:]
+    assert len(lines) == 1 and says in lines[0], logs[-3000:]
     assert "Traceback" not in logs.split(lines[0])[1]  # nothing after the line
+    return waited
 
 
 def test_elastic_run_goes_on_with_fewer_workers_and_grows_back(two_nodes, tmp_path):
@@ -220,15 +226,6 @@ def test_elastic_run_below_its_minimum_fails_within_the_wait(two_nodes, tmp_path
     c.submit("below", "dist.num_workers=3", "dist.min_workers=2", "train.batch_size=12",
              f"train.storage_path={tmp_path}", "train.run_name=below", f"train.total_kimg={1000 * 12 / 1000}",
              f"train.checkpoint_kimg={2 * 12 / 1000}", "dist.worker_wait_s=60", "dist.max_failures=3")
-    first = tmp_path / "below" / ckpt.checkpoint_name(2) / ckpt.GENERATOR_FILE
-    wait_for(first.is_file, 420, "the first checkpoint")
-    kill_raylet(c.second)
-    t0 = time.monotonic()
-    status = c.wait_job("below", 420)
-    waited = time.monotonic() - t0
-    logs = c.logs("below")
-    assert status == "FAILED", logs[-3000:]
+    waited = _fails_once_the_node_is_gone(c, "below", tmp_path / "below",
+                                          "could not run at least 2 workers x 1 CPU for 60 s (dist.worker_wait_s")
     assert 60 <= waited <= 300, waited
-    lines = [ln for ln in logs.splitlines() if ln.startswith("digan.train: ")]
-    assert len(lines) == 1 and "could not run at least 2 workers x 1 CPU for 60 s (dist.worker_wait_s" in lines[0], \
-        logs[-3000:]

@@ -566,7 +566,8 @@ def test_train_from_s3_with_s3_storage(ray_cluster, s3_env, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # `ray job stop`, the way operators stop jobs: SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S.
 
-SLOW = ["dist.num_workers=1", "train.batch_size=128", "train.total_kimg=1000", "train.checkpoint_kimg=1000"]
+SLOW_BATCH = 256  # ~5 s a step of demo-32 on one core (128 took 2.6 s on a quiet host: under the 3 s grace)
+SLOW = ["dist.num_workers=1", f"train.batch_size={SLOW_BATCH}", "train.total_kimg=1000", "train.checkpoint_kimg=1000"]
 
 
 def _submit(cluster: Cluster, sid: str, env_vars: dict[str, str], *overrides: str) -> None:
@@ -622,7 +623,7 @@ def test_ray_job_stop_with_the_documented_grace_checkpoints_and_resumes(ray_clus
     assert train_state(run_dir / ckpt.checkpoint_name(last))["stopped_by_signal"]
 
     _submit(ray_cluster, "graceful-2", {}, *SLOW[:-2], f"train.storage_path={tmp_path}", "train.run_name=graceful",
-            f"train.total_kimg={(last + 1) * 128 / 1000}", "train.checkpoint_kimg=1000")
+            f"train.total_kimg={(last + 1) * SLOW_BATCH / 1000}", "train.checkpoint_kimg=1000")
     assert _wait_job(ray_cluster, "graceful-2", 420) == "SUCCEEDED"
     state = train_state(run_dir / ckpt.checkpoint_name(last + 1))
     assert state["resumed_from"] == [last] and state["step"] == last + 1
