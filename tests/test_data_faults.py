@@ -252,7 +252,7 @@ def test_s3_outage_for_good_fails_within_the_budget(own_s3, tmp_path):
 
 
 @pytest.mark.slow
-def test_s3_outage_inside_the_budget_loses_no_sample(own_s3, tmp_path, capfd):
+def test_s3_outage_inside_the_budget_loses_no_sample(own_s3, tmp_path):
     """The server stopped mid-epoch and restarted 5 s later on the same ports: the epoch completes with
     every clip exactly once (48 clips = 12 batches of 4), nothing skipped."""
     workdir, server, procs = own_s3
@@ -283,7 +283,7 @@ def test_s3_outage_inside_the_budget_loses_no_sample(own_s3, tmp_path, capfd):
     assert sorted(seen) == sorted(clips)  # none lost, none repeated
     s = loader.stats()
     assert s["shard_errors"] == 0 and s["skipped_total"] == 0 and s["padded"] == 0
-    assert "s3: transient error" in capfd.readouterr().err  # the worker did wait the outage out
+    assert s["s3_retries"] > 0, s  # the worker did wait the outage out
 
 
 def _upload(folder: Path, url: str) -> None:

@@ -21,7 +21,7 @@ import torch
 from data_shards.records import frame_member, record_frame_keys
 from digan.data.decode import decode_frame, decode_mp4
 from digan.data.tar import iter_records
-from digan.storage.s3 import S3OutageError
+from digan.storage.s3 import Outage, S3OutageError
 from digan.storage.s3_stream import register_gopen
 from webdataset.gopen import gopen
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from digan.data.loader import ClipStream
 
 COUNT_KEYS = ("records", "samples", "skipped_incomplete", "skipped_decode", "skipped_short", "shard_errors",
-              "empty_shards", "padded")
+              "empty_shards", "padded", "s3_retries")
 
 
 class DataError(RuntimeError):
@@ -57,6 +57,7 @@ class ShardReader:
         self.rejected = 0  # records rejected since then
         self.why: dict[str, object] = {}  # the latest reason per kind of rejection, for the stall message
         self._pos, self._lo, self._hi = 0, 0, None  # record ordinal in the current shard, the share's range
+        self._s3_retries = Outage.retries  # this process's S3 retries already reported
 
     # -- bounded waits -----------------------------------------------------------------------------
 
@@ -301,6 +302,8 @@ class ShardReader:
     # -- samples -> batches ------------------------------------------------------------------------
 
     def take_counts(self) -> torch.Tensor:
+        self.counts["s3_retries"] += Outage.retries - self._s3_retries
+        self._s3_retries = Outage.retries
         t = torch.tensor([self.counts[k] for k in COUNT_KEYS], dtype=torch.int64)
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
         return t

@@ -271,7 +271,7 @@ class _Window:
         out["samples_per_s"] = out["it_per_s"] * global_batch
         counts = loader.stats()
         totals = dist_sum({"skipped_records": counts["skipped_total"], "records_read": counts["records"],
-                           "padded_records": counts["padded"]})
+                           "padded_records": counts["padded"], "s3_retries": counts["s3_retries"]})
         out.update(totals)
         self.reset()
         return out

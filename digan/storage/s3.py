@@ -47,6 +47,7 @@ class Outage:
     """
 
     since: float | None = None
+    retries = 0  # transient errors this process survived (loader stats: s3_retries)
 
     @classmethod
     def ok(cls) -> None:
@@ -56,6 +57,7 @@ class Outage:
     def failed(cls, exc: BaseException, settings: S3Settings, what: str) -> None:
         """Record a transient error; raise S3OutageError when the outage has outlasted the budget."""
         now = time.monotonic()
+        cls.retries += 1
         if cls.since is None:
             cls.since = now
         if now - cls.since > settings.retry_budget_s:

@@ -133,7 +133,6 @@ class RetryingS3Reader(io.RawIOBase):
         self.key = strip_scheme(url)
         self.fs = s3_filesystem(self.settings)
         self.fetcher = _RangeFetcher.get(self.settings)
-        self.retries = 0  # transient errors survived (for tests and logs)
         # HEAD now: a missing object fails here (FileNotFoundError, no retries), and we learn the size.
         self.size = int(self._retrying(lambda: self.fs.info(self.key), 0)["size"])
         self.pos = 0  # object offset of the next byte returned
@@ -159,7 +158,6 @@ class RetryingS3Reader(io.RawIOBase):
                 if not is_transient(e):
                     raise
                 Outage.failed(e, self.settings, f"{self.url} at byte {offset}")
-                self.retries += 1
                 if attempt < 3 or attempt % 10 == 0:
                     print(f"s3: transient error on {self.url} at byte {offset} ({type(e).__name__}); "
                           f"retry {attempt + 1} (budget {self.settings.retry_budget_s:g} s)", file=sys.stderr)
