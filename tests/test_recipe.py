@@ -612,3 +612,28 @@ def test_ada_in_training_moves_p_and_its_state_travels():
     b.load_state_dict(state)
     assert b.loss.ada.p == state["ada"]["p"] and b.ada.count == 1  # the open interval travels too
     assert load_config("demo-32").loss.ada_target == 0.0 and DIGANLoss.from_config(load_config("demo-32").loss).ada is None
+
+
+def test_one_process_draws_the_fakes_that_ranks_draw():
+    """The single-process trainer's fakes come from the keyed latents the distributed ranks use: the rows
+    a rank holding global samples [2, 4) draws are rows 2-3 of the one process's draw, step by step."""
+    from digan.training.latents import KeyedLatents
+
+    cfg = load_config("demo-32", ["model.resolution=8", "model.input_resolution=4", "model.channel_max=8",
+                                  "model.d_channel_max=8", "model.z_dim=8", "model.w_dim=8", "model.motion_z_dim=8",
+                                  "model.coord_emb_size=4", "train.batch_size=4", "model.mbstd_group=2",
+                                  "train.seed=5"])
+    trainer = SingleProcessTrainer(cfg)
+    rank = KeyedLatents(5, 4)
+    real = torch.rand(4, 2, 3, 8, 8) * 2 - 1
+    for step in range(2):
+        trainer.begin_step(real, None)
+        rank.begin_step(step, torch.arange(2, 4))
+        for _ in range(2):  # G's fakes, then D's
+            one = trainer.loss.sample_latents(trainer.G, 4)
+            part = rank.draw(8, 8)
+            for a, b in zip(one, part):
+                assert torch.equal(a[2:], b)
+        trainer.step += 1
+    with pytest.raises(ValueError, match="train.batch_size is 4"):
+        trainer.train_step(real[:2], torch.rand(2))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from digan.config import load_config
-from digan.training import d_step, fit, g_step, sample_time_pairs
+from digan.training import DIGANLoss, d_step, fit, g_step, sample_time_pairs
 
 RES, NUM_FRAMES = 32, 16
 
@@ -85,6 +85,7 @@ def test_single_process_training_learns():
     assert [("r1" in h) for h in history] == [True, False, True, False]
     assert all(h["r1"] > 0 for h in history if "r1" in h)
     G, D_img, D_mot, loss = trainer.G, trainer.D.img, trainer.D.mot, trainer.loss
+    probe = DIGANLoss.from_config(cfg.loss)  # fakes from the global RNG: fixed by a manual seed
     B = cfg.train.batch_size
     eval_real, eval_dt = next(pair_batches(clips, 2 * B, torch.Generator().manual_seed(123)))
 
@@ -92,13 +93,13 @@ def test_single_process_training_learns():
         """Mean real minus mean fake logit of both Ds, on fixed real pairs, fixed z and fixed augmentation."""
         torch.manual_seed(7)
         with torch.no_grad():
-            _, s = loss.d_loss(G, D_img, D_mot, eval_real, eval_dt, do_r1=False)
+            _, s = probe.d_loss(G, D_img, D_mot, eval_real, eval_dt, do_r1=False)
         return (s["D_M_real"] - s["D_M_fake"]).item(), (s["D_I_real"] - s["D_I_fake"]).item()
 
     def g_loss_fixed():
         torch.manual_seed(11)
         with torch.no_grad():
-            value, _ = loss.g_loss(G, D_img, D_mot, 2 * B)
+            value, _ = probe.g_loss(G, D_img, D_mot, 2 * B)
         return value.item()
 
     # D steps only (G fixed): real and fake logits separate for both discriminators.

@@ -11,7 +11,6 @@ from digan.distributed import checkpoint as ckpt
 from digan.distributed.deepspeed import DeepSpeedUpdater, build_ds_config, initialize_engine
 from digan.distributed.utils import batch_slice, dist_mean, seed_everything, seed_for_rank, share_weight
 from digan.models import cpu_kernels
-from digan.training.latents import KeyedLatents
 from digan.training.recipe import Trainer
 
 
@@ -31,12 +30,11 @@ class GANRuntime(Trainer):
         ds_config = build_ds_config(cfg.dist, self.batch_per_worker)
         _skip_shm_comm_build(device)
         cpu_kernels.enable(device.type == "cpu")  # kernels for CPU speed (same function; see the module)
-        self.latents = KeyedLatents(cfg.train.seed, cfg.train.batch_size)
         # Same seed on every rank: identical initial weights (DeepSpeed also broadcasts rank 0's).
         seed_everything(cfg.train.seed)
         super().__init__(cfg, device, lambda m, opt: DeepSpeedUpdater(initialize_engine(m, opt, ds_config, device),
                                                                       cfg.optim.grad_clamp, self.weight),
-                         latents=self.latents, nets_on_device=False)
+                         nets_on_device=False)
         # Augmentation and xflip draw from this rank's own stream.
         seed_everything(seed_for_rank(cfg.train.seed, rank))
 

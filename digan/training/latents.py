@@ -1,8 +1,8 @@
 """Fake-sample latents keyed by global sample index: the same fakes on any number of workers.
 
 z, z_M and t of fake sample i at step s come from a generator seeded by (seed, s, phase), drawn for the whole
-global batch; each rank keeps its rows. The distributed worker's loss draws through them
-(`DIGANLoss(latents=KeyedLatents(...))`), so 1 and N workers train on the same fake videos for the same
+global batch; each rank keeps its rows. Every trainer's loss draws through them (`recipe.Trainer`: one
+process, or one rank of many), so one process and N workers train on the same fake videos for the same
 global batch.
 """
 

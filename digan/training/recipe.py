@@ -30,6 +30,7 @@ import torch
 from digan.config import Config
 from digan.training.augment import AdaTuner
 from digan.training.ema import EMA
+from digan.training.latents import KeyedLatents
 from digan.training.loss import DIGANLoss, Stats
 from digan.training.optim import PlainUpdater, Updater, build_adam, d_reg_interval
 
@@ -162,10 +163,12 @@ class Trainer:
 
     `wrap(module, optimizer) -> Updater` makes the updaters; `nets_on_device` moves G and D to `device` first
     (DeepSpeed engines move them themselves). The caller seeds the global RNG before (the initial weights).
+    Fakes' latents are keyed by (seed, step, phase, global sample index) (`KeyedLatents`, default seed
+    `train.seed`): one process and any number of ranks draw the same fake videos for the same step.
     """
 
     def __init__(self, cfg: Config, device: torch.device | str, wrap: Callable[[torch.nn.Module, Any], Updater],
-                 latents=None, nets_on_device: bool = True):
+                 latents_seed: int | None = None, nets_on_device: bool = True):
         from digan.models import build_discriminators, build_generator  # heavy import, only when training
 
         self.cfg, self.device = cfg, torch.device(device)
@@ -179,7 +182,8 @@ class Trainer:
                        cfg.optim.ema_rampup)
         self.g_updater = wrap(G, build_adam(G.parameters(), cfg.optim, cfg.loss.g_reg_interval))
         self.d_updater = wrap(D, build_adam(D.parameters(), cfg.optim, d_reg_interval(cfg.loss)))
-        self.loss = DIGANLoss.from_config(cfg.loss, latents)
+        self.latents = KeyedLatents(cfg.train.seed if latents_seed is None else latents_seed, cfg.train.batch_size)
+        self.loss = DIGANLoss.from_config(cfg.loss, self.latents)
         self.ada = build_ada_tuner(cfg, self.loss)  # adaptive augmentation's p (loss.ada_target > 0)
         self.step = 0  # iterations done
         self.cur_nimg = 0  # real pairs shown to D, all ranks together
@@ -198,7 +202,13 @@ class Trainer:
 
     # Hooks of one step (a rank of many overrides them).
     def begin_step(self, real_pair: torch.Tensor, sample_ids: torch.Tensor | None) -> None:
-        """Before the step's draws."""
+        """Before the step's draws: the global sample indices of this process's rows (here: all of them)."""
+        if sample_ids is None:
+            if real_pair.shape[0] != self.cfg.train.batch_size:
+                raise ValueError(f"a batch of {real_pair.shape[0]} in one process: train.batch_size is "
+                                 f"{self.cfg.train.batch_size}")
+            sample_ids = torch.arange(real_pair.shape[0])
+        self.latents.begin_step(self.step, sample_ids)
 
     def images_per_step(self, real_pair: torch.Tensor) -> int:
         """Real pairs this step shows D, all ranks together."""
@@ -226,12 +236,14 @@ class Trainer:
 
 
 class SingleProcessTrainer(Trainer):
-    """The trainer in one process, with plain PyTorch updaters (no Ray, no DeepSpeed); fakes from the global RNG."""
+    """The trainer in one process, with plain PyTorch updaters (no Ray, no DeepSpeed). `seed` seeds the global
+    RNG (initial weights, augmentation) and keys the fakes' latents; None leaves the global RNG as it is and
+    keys the latents by train.seed."""
 
     def __init__(self, cfg: Config, device: torch.device | str = "cpu", seed: int | None = None):
         if seed is not None:
             torch.manual_seed(seed)
-        super().__init__(cfg, device, lambda m, opt: PlainUpdater(m, opt, cfg.optim.grad_clamp))
+        super().__init__(cfg, device, lambda m, opt: PlainUpdater(m, opt, cfg.optim.grad_clamp), latents_seed=seed)
 
     def state_dict(self) -> dict[str, Any]:
         return {"G": self.g_updater.state_dict(), "D": self.d_updater.state_dict(), "G_ema": self.ema.state_dict(),
