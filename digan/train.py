@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from digan.config import Config, add_config_args, config_from_args, dump_yaml, to_dict
 from digan.distributed.cluster import (ElasticWait, StopFlag, init_ray, quiet_ray_false_alarms, startup_retries,
                                        worker_env)
-from digan.storage import display_path, is_s3, join
+from digan.storage import arrow_filesystem, display_path, is_s3, join
 
 
 @dataclass
@@ -115,8 +115,6 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
     quiet_ray_false_alarms()
     import ray
 
-    from digan.distributed import checkpoint as ckpt
-
     if cfg.data.source == "demo":
         # Build the demo shards here, once, with the user watching; workers on this node find them.
         from digan.data import ensure_demo_shards
@@ -124,7 +122,9 @@ def launch(cfg: Config, handle_signals: bool = True, callbacks: list | None = No
         print(f"demo data: {ensure_demo_shards(cfg.data, cfg.model.resolution)}", flush=True)
     check_storage(cfg.train.storage_path)
     check_data(cfg)
-    fs, storage_fs_path = ckpt.resolve_storage(cfg.train.storage_path, cfg.data.s3_endpoint_url, cfg.data.s3_region)
+    from digan.data.source import s3_settings
+
+    fs, storage_fs_path = arrow_filesystem(cfg.train.storage_path, s3_settings(cfg.data))
     init_ray(cfg)
     use_gpu = cfg.dist.use_gpu if cfg.dist.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     # The stop flag lives on the driver's node: nothing the workers depend on may die with another node.

@@ -57,7 +57,6 @@ class ShardReader:
         self.rejected = 0  # records rejected since then
         self.why: dict[str, object] = {}  # the latest reason per kind of rejection, for the stall message
         self._pos, self._lo, self._hi = 0, 0, None  # record ordinal in the current shard, the share's range
-        self._s3_retries = Outage.retries  # this process's S3 retries already reported
 
     # -- bounded waits -----------------------------------------------------------------------------
 
@@ -67,9 +66,7 @@ class ShardReader:
     def reject(self, kind: str, reason: str) -> None:
         """Count a rejected record, shard or error (kind in COUNT_KEYS) and stop the stream when nothing usable
         came for too long."""
-        self.counts[kind] += 1
-        self.rejected += 1
-        self.why[kind] = reason
+        self.counts[kind], self.rejected, self.why[kind] = self.counts[kind] + 1, self.rejected + 1, reason
         self.check_stall()
 
     def check_stall(self) -> None:
@@ -302,8 +299,7 @@ class ShardReader:
     # -- samples -> batches ------------------------------------------------------------------------
 
     def take_counts(self) -> torch.Tensor:
-        self.counts["s3_retries"] += Outage.retries - self._s3_retries
-        self._s3_retries = Outage.retries
+        self.counts["s3_retries"] += Outage.take_retries()
         t = torch.tensor([self.counts[k] for k in COUNT_KEYS], dtype=torch.int64)
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
         return t

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from digan.storage import arrow_filesystem, atomic_write
+from digan.storage import atomic_write
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 TRAIN_STATE_FILE = "train_state.pt"
@@ -68,16 +68,7 @@ def load_weights_only(path: str | os.PathLike) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Storage: a local folder or s3://bucket/prefix as a pyarrow filesystem + path (`digan.storage`).
-
-
-def resolve_storage(storage_path: str, s3_endpoint_url: str | None = None, s3_region: str | None = None):
-    """(pyarrow filesystem, fs path) for `train.storage_path`: an absolute local path, or "bucket/prefix" on
-    this process's s3fs (endpoint `s3_endpoint_url`, else AWS_ENDPOINT_URL(_S3); credentials only from the
-    AWS chain, never passed here)."""
-    from digan.storage.s3 import S3Settings
-
-    return arrow_filesystem(storage_path, S3Settings(endpoint_url=s3_endpoint_url, region=s3_region))
+# Listing a run's checkpoints on a pyarrow filesystem (`digan.storage.arrow_filesystem`).
 
 
 def list_checkpoints(fs, run_fs_path: str, complete_only: bool = True) -> list[tuple[int, str]]:

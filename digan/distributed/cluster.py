@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,8 +118,6 @@ class ElasticWait:
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
 
     def __init__(self, run_name: str, wait_s: float, poll_s: float = 5.0):
-        import time
-
         self.run_name, self.wait_s, self.poll_s = run_name, wait_s, poll_s
         self.clock = time.monotonic
         self.since = self.clock()  # not running since (the start counts: a first group may never be placed)

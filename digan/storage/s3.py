@@ -47,11 +47,16 @@ class Outage:
     """
 
     since: float | None = None
-    retries = 0  # transient errors this process survived (loader stats: s3_retries)
+    retries = 0  # transient errors since the last `take_retries` (the loader's s3_retries count)
 
     @classmethod
     def ok(cls) -> None:
         cls.since = None
+
+    @classmethod
+    def take_retries(cls) -> int:
+        n, cls.retries = cls.retries, 0
+        return n
 
     @classmethod
     def failed(cls, exc: BaseException, settings: S3Settings, what: str) -> None:

@@ -293,7 +293,6 @@ class AdaTuner:
                  augment: "AdaptiveAugment | None" = None):
         self.target, self.kimg, self.interval, self.batch_size = target, kimg, interval, batch_size
         self.augment = augment  # the pipeline whose p this tunes: p lives there, once (None: kept here)
-        self._p = float(p)
         self.p = float(p)
         self.sum, self.count = 0.0, 0
 
@@ -305,7 +304,8 @@ class AdaTuner:
     def p(self, value: float) -> None:
         if self.augment is not None:
             self.augment.p = float(value)
-        self._p = float(value)
+        else:
+            self._p = float(value)
 
     def observe(self, sign_mean: torch.Tensor | float) -> None:
         """Add one iteration's r_t (a tensor stays on its device: no sync until `local_mean`)."""
