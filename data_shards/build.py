@@ -180,8 +180,15 @@ def _previous_build(dest: Destination, identity: dict) -> tuple[dict | None, dic
     return None, state or {"identity": identity, "shards": [], "videos": [], "skipped": [], "next": [0, 0]}
 
 
-def _manifest(identity: dict, num_sources: int, state: dict) -> dict:
-    """The finished build's manifest.json: options, shards with their clip counts, sources used and skipped."""
+def class_table(sources: list[VideoSource]) -> list[str | None]:
+    """Class names by label_index, from the labelled sources (None for an index none of them has)."""
+    names = {s.label_index: s.label for s in sources if s.label_index is not None}
+    return [names.get(i) for i in range(max(names) + 1)] if names else []
+
+
+def _manifest(identity: dict, num_sources: int, state: dict, classes: list[str | None]) -> dict:
+    """The finished build's manifest.json: options, shards with their clip counts, sources used and skipped,
+    class names by label_index (empty for unlabelled inputs)."""
     skipped = sorted(state["skipped"], key=lambda s: s["source"])
     reasons: dict[str, int] = {}
     for s in skipped:
@@ -192,7 +199,7 @@ def _manifest(identity: dict, num_sources: int, state: dict) -> dict:
         "num_videos": num_sources, "num_videos_used": len(state["videos"]), "num_skipped": len(skipped),
         "skipped_by_reason": reasons, "num_clips": sum(s["num_clips"] for s in state["shards"]),
         "num_shards": len(state["shards"]), "shards": state["shards"],
-        "sources": sorted(state["videos"], key=lambda v: v["source"]), "skipped": skipped,
+        "sources": sorted(state["videos"], key=lambda v: v["source"]), "skipped": skipped, "classes": classes,
     }
 
 
@@ -251,7 +258,7 @@ def build_shards(sources: list[VideoSource], dest: str | Destination, options: B
             bar.update(1)
             bar.set_postfix(clips=num_clips, skipped=len(state["skipped"]) + len(pending_skips))
         checkpoint([len(sources), 0])
-        manifest = _manifest(identity, len(sources), state)
+        manifest = _manifest(identity, len(sources), state, class_table(sources))
         dest.write_json(MANIFEST, manifest)
         dest.remove(JOURNAL)
     except KeyboardInterrupt:

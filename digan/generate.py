@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("videos")
     g.add_argument("--seeds", default="0-3", help="content seeds: 0-7 or 0,3,5")
     g.add_argument("--motion-seeds", default=None, help="render every content seed with each of these motions")
+    g.add_argument("--classes", default=None,
+                   help="class-conditional model: render every seed in each of these classes (indices or names, "
+                        "comma-separated; default: seed s in class s mod model.num_classes)")
     g.add_argument("--num-frames", type=int, default=16, help="frames per video")
     g.add_argument("--t-start", type=float, default=0.0, help="time of the first frame (training range: [0, 1])")
     g.add_argument("--t-end", type=float, default=1.0, help="time of the last frame (> 1 extrapolates)")
@@ -149,12 +152,18 @@ def main(argv: list[str] | None = None) -> int:
         msg = f"bad checkpoint: {e}" if isinstance(e, KeyError) else str(e)
         print(f"digan-generate: error: {msg}", file=sys.stderr)
         return 2
+    try:
+        args.class_list = parse_classes(args.classes, cfg.model)
+    except ArgumentError as e:
+        print(f"digan-generate: error: {e}", file=sys.stderr)
+        return 2
     plan = _plan(args, cfg, source)
     if args.dry_run:
         print(dump_yaml(cfg), end="")
-        for s, m in plan.jobs:
-            print(f"  would write {plan.outdir / plan.stem(s, m)}.{{{','.join(args.formats)}}} "
-                  f"(z_I seed {s}, z_M seed {m})")
+        for job in plan.jobs:
+            c = "" if job[2] is None else f", class {job[2]}"
+            print(f"  would write {plan.outdir / plan.stem(*job)}.{{{','.join(args.formats)}}} "
+                  f"(z_I seed {job[0]}, z_M seed {job[1]}{c})")
         return 0
     configure_malloc(cfg.dist, plan.device)
     if source is not None:
@@ -178,26 +187,57 @@ def main(argv: list[str] | None = None) -> int:
 
 @dataclass
 class _Plan:
-    """(content seed, motion seed) per video, how they are batched and chunked, where they go."""
+    """(content seed, motion seed, class or None) per video, how they are batched and chunked, where they go."""
 
-    jobs: list[tuple[int, int]]
+    jobs: list[tuple[int, int, int | None]]
     per_batch: int
     chunk: int
     device: torch.device
     outdir: Path
     named_by_motion: bool
     times: torch.Tensor
+    class_names: list[str]
 
-    def stem(self, s: int, m: int) -> str:
-        return f"seed{s:04d}-motion{m:04d}" if self.named_by_motion else f"seed{s:04d}"
+    def stem(self, s: int, m: int, c: int | None = None) -> str:
+        name = f"seed{s:04d}-motion{m:04d}" if self.named_by_motion else f"seed{s:04d}"
+        if c is not None:
+            name += "-" + (_safe(self.class_names[c]) if self.class_names else f"class{c:03d}")
+        return name
+
+
+def parse_classes(text: str | None, model) -> list[int] | None:
+    """--classes (indices or the checkpoint's class names) -> class indices; None = the default per seed."""
+    if text is None:
+        return None
+    if model.num_classes == 0:
+        raise ArgumentError("--classes: the model is unconditional (model.num_classes=0)")
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        if item.isdigit() and int(item) < model.num_classes:
+            out.append(int(item))
+        elif item in model.class_names:
+            out.append(model.class_names.index(item))
+        else:
+            names = f"; names: {', '.join(model.class_names[:10])}" if model.class_names else ""
+            raise ArgumentError(f"--classes: {item!r} is not a class (indices 0-{model.num_classes - 1}{names})")
+    if not out:
+        raise ArgumentError("--classes: no class given")
+    return out
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
 
 def _plan(args: argparse.Namespace, cfg: Config, source: Path | None) -> _Plan:
     """The plan of the run, printed."""
-    if args.motion_list is None:
-        jobs = [(s, s) for s in args.seed_list]
+    pairs = [(s, s) for s in args.seed_list] if args.motion_list is None else \
+        [(s, m) for s in args.seed_list for m in args.motion_list]
+    n = cfg.model.num_classes
+    if args.class_list is not None:
+        jobs = [(s, m, c) for s, m in pairs for c in args.class_list]
     else:
-        jobs = [(s, m) for s in args.seed_list for m in args.motion_list]
+        jobs = [(s, m, s % n if n else None) for s, m in pairs]
     per_batch = args.batch_videos or max(1, min(len(jobs), args.max_frames_in_memory // args.num_frames))
     chunk = max(1, args.max_frames_in_memory // per_batch)
     side = cfg.model.resolution * args.scale
@@ -211,17 +251,18 @@ def _plan(args: argparse.Namespace, cfg: Config, source: Path | None) -> _Plan:
     print(f"      {per_batch} videos per batch, chunks of {chunk} frames (<= {per_batch * chunk} frames in memory), "
           f"device {device}")
     return _Plan(jobs, per_batch, chunk, device, outdir, args.motion_list is not None,
-                 time_stamps(args.num_frames, args.t_start, args.t_end))
+                 time_stamps(args.num_frames, args.t_start, args.t_end), list(cfg.model.class_names))
 
 
 def _render_batch(G, args: argparse.Namespace, plan: _Plan, batch: list[tuple[int, int]], bar) -> list[Path]:
     """Render one batch of videos chunk by chunk: mp4s stream, gif/png keep the frames. Returns the files."""
-    z, z_motion = seed_latents([s for s, _ in batch], G.z_dim, G.motion_z_dim, [m for _, m in batch])
-    names = [plan.outdir / plan.stem(s, m) for s, m in batch]
+    z, z_motion = seed_latents([j[0] for j in batch], G.z_dim, G.motion_z_dim, [j[1] for j in batch])
+    labels = torch.tensor([j[2] for j in batch]) if batch[0][2] is not None else None
+    names = [plan.outdir / plan.stem(*j) for j in batch]
     mp4s = [Mp4Writer(n.with_suffix(".mp4"), args.fps) for n in names] if "mp4" in args.formats else []
     keep = [[] for _ in batch] if ("gif" in args.formats or "png" in args.formats) else None
     try:
-        for _, frames in render_chunks(G, z, z_motion, plan.times, args.scale, plan.chunk, args.trunc):
+        for _, frames in render_chunks(G, z, z_motion, plan.times, args.scale, plan.chunk, args.trunc, labels):
             frames_u8 = to_uint8(frames)  # [B, Tc, H, W, 3]
             for i in range(len(batch)):
                 if mp4s:

@@ -7,6 +7,8 @@
   seed b is seeds b, b+1, ..., b+N-1 (`video_seeds`).
 - Times: a 16-frame clip spans t in [0, 1] (t_k = k / (clip_frames - 1), the training span); more frames at
   the same rate continue past 1 (`clip_times`), or any range can be asked for (`time_stamps`).
+- Classes (a class-conditional G): given per video, or seed s renders class s mod num_classes (`seed_classes`),
+  so a set of consecutive seeds covers the classes evenly.
 - Rendering: the per-video INR weights are prepared once and frames rendered in chunks (bounded memory).
 - Pixels: clamp to [-1, 1], then `((x + 1) / 2 * 255)` truncated to uint8, the official DIGAN FVD conversion
   (`src/scripts/compute_fvd_kvd.py`), used for metrics, files and TensorBoard alike.
@@ -39,6 +41,11 @@ def seed_latents(seeds: list[int], z_dim: int, motion_z_dim: int,
     return torch.stack(zs), torch.stack(zms)
 
 
+def seed_classes(seeds: list[int], num_classes: int) -> torch.Tensor | None:
+    """The default classes of seeds' videos: s mod num_classes (None for an unconditional model)."""
+    return torch.tensor([s % num_classes for s in seeds], dtype=torch.int64) if num_classes > 0 else None
+
+
 def time_stamps(num_frames: int, t_start: float = 0.0, t_end: float = 1.0) -> torch.Tensor:
     """t = linspace(t_start, t_end, num_frames) [T] (float32, computed in float64); one frame renders t_start."""
     return torch.linspace(t_start, t_end, num_frames, dtype=torch.float64).to(torch.float32)
@@ -51,13 +58,16 @@ def clip_times(num_frames: int, clip_frames: int = 16) -> torch.Tensor:
 
 @torch.no_grad()
 def render_chunks(G: torch.nn.Module, z: torch.Tensor, z_motion: torch.Tensor, t: torch.Tensor, scale: int = 1,
-                  chunk_frames: int = 16, truncation_psi: float = 1.0) -> Iterator[tuple[int, torch.Tensor]]:
-    """Render B videos at times t [T] (shared) or [B, T] in chunks of at most `chunk_frames` frames each.
+                  chunk_frames: int = 16, truncation_psi: float = 1.0, labels: torch.Tensor | None = None
+                  ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Render B videos at times t [T] (shared) or [B, T] in chunks of at most `chunk_frames` frames each
+    (`labels` [B]: their classes, for a class-conditional G).
 
     Yields (first frame index, float frames [B, Tc, 3, H*scale, W*scale]). The INR weights are prepared once.
     """
     device = next(G.parameters()).device
-    code = G.prepare(z.to(device), z_motion.to(device), truncation_psi=truncation_psi)
+    cond = {} if labels is None else {"c": labels.to(device)}
+    code = G.prepare(z.to(device), z_motion.to(device), truncation_psi=truncation_psi, **cond)
     t = t.to(device)
     if t.dim() == 1:
         t = t.unsqueeze(0).expand(z.shape[0], -1)
@@ -73,13 +83,18 @@ def to_uint8(frames: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def render_videos(G: torch.nn.Module, z: torch.Tensor, z_motion: torch.Tensor, num_frames: int,
-                  clip_frames: int = 16, chunk_frames: int = 16) -> torch.Tensor:
+                  clip_frames: int = 16, chunk_frames: int = 16, labels: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 [B, num_frames, H, W, 3] at `clip_times` (bounded memory: `chunk_frames` at a time)."""
     t = clip_times(num_frames, clip_frames)
-    return torch.cat([to_uint8(f) for _, f in render_chunks(G, z, z_motion, t, chunk_frames=chunk_frames)], dim=1)
+    chunks = render_chunks(G, z, z_motion, t, chunk_frames=chunk_frames, labels=labels)
+    return torch.cat([to_uint8(f) for _, f in chunks], dim=1)
 
 
-def sample_videos(G: torch.nn.Module, seeds: list[int], num_frames: int, clip_frames: int = 16) -> torch.Tensor:
-    """uint8 [N, num_frames, H, W, 3] of the videos of `seeds` (the path every caller shares)."""
+def sample_videos(G: torch.nn.Module, seeds: list[int], num_frames: int, clip_frames: int = 16,
+                  labels: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [N, num_frames, H, W, 3] of the videos of `seeds` (the path every caller shares); a conditional G
+    renders `labels`, else `seed_classes`."""
     z, z_motion = seed_latents(seeds, G.z_dim, G.motion_z_dim)
-    return render_videos(G, z, z_motion, num_frames, clip_frames)
+    if labels is None:
+        labels = seed_classes(seeds, getattr(G, "num_classes", 0))
+    return render_videos(G, z, z_motion, num_frames, clip_frames, labels=labels)

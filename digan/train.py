@@ -90,9 +90,25 @@ def check_data(cfg: Config) -> None:
     from digan.data import check_source
 
     try:
-        check_source(cfg.data, cfg.model.resolution)
+        src = check_source(cfg.data, cfg.model.resolution)
     except (ValueError, OSError) as e:  # FileNotFoundError, PermissionError, S3 errors are OSErrors
         raise LaunchError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if cfg.model.num_classes > 0 and src.manifest is not None:
+        check_classes(cfg, src.manifest.get("classes") or [])
+
+
+def check_classes(cfg: Config, classes: list[str | None]) -> None:
+    """A conditional run against the classes its manifest lists; fills in model.class_names (the checkpoints
+    record them) from the manifest when the config gives none."""
+    n = cfg.model.num_classes
+    if not classes:
+        raise LaunchError(f"model.num_classes={n}: data.source={cfg.data.source} has no class labels (build "
+                          f"labelled shards, e.g. data-shards build ... --layout ucf101)")
+    if len(classes) > n:
+        raise LaunchError(f"model.num_classes={n}: data.source={cfg.data.source} has {len(classes)} classes")
+    if not cfg.model.class_names:
+        cfg.model.class_names = [c or f"class{i}" for i, c in enumerate(classes)] + \
+            [f"class{i}" for i in range(len(classes), n)]
 
 
 def check_storage(storage_path: str, cwd: str | None = None) -> None:

@@ -52,9 +52,10 @@ def png(frame: np.ndarray) -> bytes:
 
 
 def contract_dataset(folder: Path, num_clips: int, per_shard: int, length: int = 16, manifest: bool = True,
-                     meta: dict | None = None) -> dict[str, np.ndarray]:
+                     meta=None) -> dict[str, np.ndarray]:
     """Shards written from docs/shard-format.md alone: KEY.json with num_frames (+ encoding), then
-    KEY.f0000.png ...; optionally a manifest with the format, the shard list and the options. -> clips by key."""
+    KEY.f0000.png ...; optionally a manifest with the format, the shard list and the options. `meta`: more JSON
+    fields, a dict for every record or a function of the key. -> clips by key."""
     folder.mkdir(parents=True, exist_ok=True)
     frames = real_frames(limit=num_clips * 4 + length)
     clips = {f"clip{i:04d}": frames[i * 4: i * 4 + length] for i in range(num_clips)}  # overlapping windows
@@ -63,7 +64,7 @@ def contract_dataset(folder: Path, num_clips: int, per_shard: int, length: int =
     for s in range(0, num_clips, per_shard):
         recs = []
         for k in keys[s: s + per_shard]:
-            js = {"num_frames": length, "encoding": "png", **(meta or {})}
+            js = {"num_frames": length, "encoding": "png", **((meta(k) if callable(meta) else meta) or {})}
             recs.append((k, {"json": json.dumps(js).encode(),
                              **{f"f{i:04d}.png": png(f) for i, f in enumerate(clips[k])}}))
         name = f"shard-{s // per_shard:06d}.tar"

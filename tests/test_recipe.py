@@ -414,9 +414,9 @@ def test_official_phase_order_and_fresh_draws_per_phase():
     reals_seen = []
     run_D = loss.run_D
 
-    def spy_run_D(D_img_, D_mot_, x):
+    def spy_run_D(D_img_, D_mot_, x, labels=None):
         reals_seen.append(x.detach().clone())
-        return run_D(D_img_, D_mot_, x)
+        return run_D(D_img_, D_mot_, x, labels)
 
     loss.run_D = spy_run_D
     real = torch.rand(8, 2, 3, 8, 8) * 2 - 1

@@ -211,9 +211,9 @@ def _r1_without_zero_gradients(trainer):
     them there (no moment decay, no step count) instead of taking a zero step (what ours did first)."""
     loss = trainer.loss
 
-    def r1_loss(D_img, D_mot, real_pair, real_dt):
+    def r1_loss(D_img, D_mot, real_pair, real_dt, labels=None):
         x_real = motion_input(real_pair, real_dt).detach().requires_grad_(True)
-        real_M, real_I, frames_aug = loss.run_D(D_img, D_mot, x_real)
+        real_M, real_I, frames_aug = loss.run_D(D_img, D_mot, x_real, labels)
         r1, stats = loss._r1(real_M, real_I, x_real, frames_aug)
         return r1 * loss.r1_interval, stats
 

@@ -63,6 +63,8 @@ class ModelConfig:
     mbstd_channels: int = 1
     d_fp16_resolutions: int = 4  # D blocks (from the top) that run in fp16 on GPU; 0 = full fp32
     conv_clamp: float = 256.0  # activation clamp in the fp16 D blocks
+    num_classes: int = 0  # > 0: class-conditional G and Ds (labels from the shards' label_index); 0 = unconditional
+    class_names: list[str] = field(default_factory=list)  # names of classes 0.. (the train driver fills them in)
 
     def validate(self) -> None:
         need(_is_pow2(self.resolution) and self.resolution >= 8,
@@ -77,6 +79,9 @@ class ModelConfig:
         need(self.sigma_t > 0, f"model.sigma_t={self.sigma_t}: the time frequency must be > 0")
         need(self.fourier_scale > 0, f"model.fourier_scale={self.fourier_scale}: must be > 0")
         need(self.d_fp16_resolutions >= 0, f"model.d_fp16_resolutions={self.d_fp16_resolutions}: must be >= 0")
+        need(self.num_classes >= 0, f"model.num_classes={self.num_classes}: must be >= 0 (0 = unconditional)")
+        need(len(self.class_names) in (0, self.num_classes),
+             f"model.class_names: {len(self.class_names)} names for model.num_classes={self.num_classes}")
         for r in self.extra_conv_resolutions:
             need(_is_pow2(r) and self.input_resolution <= r <= self.resolution,
                  f"model.extra_conv_resolutions: {r} is not a block resolution in [input_resolution, resolution]")

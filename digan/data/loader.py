@@ -39,8 +39,9 @@ class ClipStream(torch.utils.data.IterableDataset):
                  rank: int, world_size: int, seed: int, resampled: bool, batches_per_worker: int | None,
                  shuffle_buffer: int, partial: bool, s3: S3Settings, start_epoch: int = 0, direct: bool = False,
                  shard_clips: list[int] | None = None, stall_timeout_s: float = 300.0,
-                 global_batch: int | None = None, batch_start: int | None = None):
+                 global_batch: int | None = None, batch_start: int | None = None, num_classes: int = 0):
         super().__init__()
+        self.num_classes = num_classes  # > 0: pairs come with class indices (records without one are skipped)
         # This rank's batches hold global samples [batch_start, batch_start + batch_size) of every global batch of
         # `global_batch` (even shares unless an elastic group's size does not divide it: digan.distributed.utils).
         self.global_batch = world_size * batch_size if global_batch is None else global_batch
@@ -232,8 +233,11 @@ def _start_method(cfg: DataConfig, shards: list[str]) -> str:
 
 
 def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, rank: int = 0, world_size: int = 1,
-                      seed: int = 0, batch_start: int | None = None, global_batch: int | None = None) -> StreamLoader:
-    """DIGAN training pairs of one rank: iterates `(pair float32 [B,2,3,R,R] in [-1,1], dt float32 [B])`.
+                      seed: int = 0, batch_start: int | None = None, global_batch: int | None = None,
+                      num_classes: int = 0) -> StreamLoader:
+    """DIGAN training pairs of one rank: iterates `(pair float32 [B,2,3,R,R] in [-1,1], dt float32 [B])`, plus
+    class indices int64 [B] (the records' `label_index`; records without a valid one skipped and counted as
+    `skipped_unlabelled`) when `num_classes` > 0.
 
     Shards built at a larger resolution are centre-cropped and downscaled on the fly (antialiased);
     smaller ones are refused. Build shards at the training resolution for speed.
@@ -264,7 +268,7 @@ def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, r
     ds = ClipStream(src.shards, "pair", resolution, cfg.num_frames, batch_per_worker, rank, world_size, seed,
                     cfg.resampled, bpw, cfg.shuffle_buffer, partial=False, s3=s3_settings(cfg), direct=src.direct,
                     shard_clips=clips, stall_timeout_s=cfg.stall_timeout_s, global_batch=global_batch,
-                    batch_start=batch_start)
+                    batch_start=batch_start, num_classes=num_classes)
     return StreamLoader(ds, cfg.num_workers, _start_method(cfg, src.shards))
 
 

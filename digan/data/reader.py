@@ -20,6 +20,7 @@ import torch
 
 from data_shards.records import frame_member, record_frame_keys
 from digan.data.decode import decode_frame, decode_mp4
+from digan.data.shares import exact_share, seed_of, shard_urls
 from digan.data.tar import iter_records
 from digan.storage.s3 import Outage, S3OutageError
 from digan.storage.s3_stream import register_gopen
@@ -31,15 +32,11 @@ if TYPE_CHECKING:
     from digan.data.loader import ClipStream
 
 COUNT_KEYS = ("records", "samples", "skipped_incomplete", "skipped_decode", "skipped_short", "shard_errors",
-              "empty_shards", "padded", "s3_retries")
+              "empty_shards", "padded", "s3_retries", "skipped_unlabelled")
 
 
 class DataError(RuntimeError):
     """The stream cannot go on (nothing usable for data.stall_timeout_s, every record rejected): fatal."""
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 _DECODE_ERRORS: tuple = (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexError, TypeError)
@@ -51,7 +48,7 @@ class ShardReader:
     def __init__(self, ds: "ClipStream", worker: int, num_workers: int, epoch: int):
         self.ds, self.worker, self.num_workers, self.epoch = ds, worker, num_workers, epoch
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
-        self.rng = random.Random(_seed(ds.seed, ds.rank, worker, epoch, 2))
+        self.rng = random.Random(seed_of(ds.seed, ds.rank, worker, epoch, 2))
         self.errors_in_a_row = 0  # shard errors since the last good record
         self.last_good = time.monotonic()  # when the last usable sample was produced (or the reader started)
         self.rejected = 0  # records rejected since then
@@ -78,55 +75,12 @@ class ShardReader:
     def explain(self) -> str:
         """One line: how many records were rejected since the last usable one, and why."""
         names = {"skipped_short": "too short", "skipped_decode": "undecodable", "skipped_incomplete": "incomplete",
-                 "shard_errors": "shard errors", "empty_shards": "empty shards"}
+                 "shard_errors": "shard errors", "empty_shards": "empty shards", "skipped_unlabelled": "unlabelled"}
         parts = [f"{names[k]} ({self.why[k]})" for k in names if k in self.why]
         return (f"all {self.rejected} records read since the last usable one were rejected: " + "; ".join(parts)
                 if parts else "no record arrived (storage slow or unreachable?)")
 
     # -- shards -> records ------------------------------------------------------------------------
-
-    def shard_urls(self):
-        ds = self.ds
-        if ds.resampled:
-            # With replacement, independently per reader: no reader runs dry, every rank runs the same steps.
-            rng = random.Random(_seed(ds.seed, ds.rank, self.worker, self.epoch, 0))
-            while True:
-                yield {"url": rng.choice(ds.shards)}
-        if ds.shard_clips is not None:  # exact epochs: this reader's contiguous share of the epoch's clips
-            yield from self.share()[0]
-            return
-        order = list(ds.shards)
-        random.Random(_seed(ds.seed, self.epoch, 1)).shuffle(order)  # same permutation on every rank
-        # split_by_node then split_by_worker, driven by the explicit rank/world size (not env vars)
-        mine = order[ds.rank::ds.world_size][self.worker::self.num_workers]
-        for url in mine:
-            yield {"url": url}
-
-    def share(self) -> tuple[list[dict], int]:
-        """Exact epochs: ([{url, lo, hi}] record ranges of this reader's share, its number of batches).
-
-        The epoch's clips in a seeded shard order (the same on every rank) are cut into S = floor(N / G)
-        global batches' worth (G = the global batch); rank r takes the S x B_r clips after the S x (B_0 + ...
-        + B_{r-1}) of the ranks before it (B_r: its share of a global batch), its workers contiguous runs of
-        whole batches of those. The N - S*G clips at the end of the order sit this epoch out.
-        """
-        ds = self.ds
-        order = list(range(len(ds.shards)))
-        random.Random(_seed(ds.seed, self.epoch, 1)).shuffle(order)
-        steps, b = ds.steps_per_epoch(), ds.batch_size
-        base, extra = divmod(steps, self.num_workers)
-        first = self.worker * base + min(self.worker, extra)
-        mine = base + (self.worker < extra)
-        start = steps * ds.batch_start + first * b  # ranks before this one took steps x their shares
-        end = start + mine * b
-        ranges, pos = [], 0
-        for i in order:
-            n = ds.shard_clips[i]
-            lo, hi = max(start - pos, 0), min(end - pos, n)
-            if lo < hi:
-                ranges.append({"url": ds.shards[i], "lo": lo, "hi": hi})
-            pos += n
-        return ranges, mine
 
     def on_shard_error(self, exn: BaseException) -> bool:
         if isinstance(exn, (DataError, S3OutageError)):
@@ -148,7 +102,7 @@ class ShardReader:
         self.on_shard_error(exn)
 
     def records(self):
-        for src in self.shard_urls():
+        for src in shard_urls(self.ds, self.worker, self.num_workers, self.epoch):
             url, lo, hi = src["url"], src.get("lo", 0), src.get("hi")
             self._pos, self._lo, self._hi = 0, lo, hi
             try:
@@ -184,7 +138,7 @@ class ShardReader:
         if n <= 1:
             yield from items
             return
-        rng = random.Random(_seed(self.ds.seed, self.ds.rank, self.worker, self.epoch, 3))
+        rng = random.Random(seed_of(self.ds.seed, self.ds.rank, self.worker, self.epoch, 3))
         buf = []
         for x in items:
             if len(buf) < n:
@@ -251,6 +205,11 @@ class ShardReader:
         if length < self.ds.num_frames:
             self.reject("skipped_short", f"clips of {length} frames, data.num_frames={self.ds.num_frames}")
             return None
+        label = meta.get("label_index")
+        if self.ds.num_classes and not (type(label) is int and 0 <= label < self.ds.num_classes):
+            self.reject("skipped_unlabelled", f"e.g. {rec['__key__']}: label_index {label!r}, "
+                                              f"model.num_classes={self.ds.num_classes}")
+            return None
         return meta
 
     def _frame_into(self, data: bytes, out: np.ndarray) -> None:
@@ -266,6 +225,7 @@ class ShardReader:
         if meta is None:
             return None
         n, r, ext = self.ds.num_frames, self.ds.resolution, meta.get("encoding", "jpg")
+        rec["__label__"] = meta.get("label_index")
         offset, i0, i1 = rec.get("__pair__") or self._draw_pair(int(meta["num_frames"]))
         try:
             if ext == "mp4":
@@ -313,8 +273,8 @@ class ShardReader:
         ds = self.ds
         r = ds.resolution
         shape = (ds.batch_size, 2 if ds.mode == "pair" else ds.num_frames, r, r, 3)
-        buf, keys, dts = np.empty(shape, np.uint8), [], []
-        wanted = self.share()[1] if ds.exact else None
+        buf, keys, dts, labels = np.empty(shape, np.uint8), [], [], []
+        wanted = exact_share(ds, self.worker, self.num_workers, self.epoch)[1] if ds.exact else None
         made, good_in_share, passes = 0, 0, 0
         while True:
             for rec in self.shuffled(self.records()):
@@ -324,6 +284,7 @@ class ShardReader:
                     if dt is None:
                         continue
                     dts.append(dt)
+                    labels.append(rec["__label__"])
                 elif not self.clip(rec, slot):
                     continue
                 self.good()
@@ -334,9 +295,9 @@ class ShardReader:
                     good_in_share += 1
                 keys.append(rec["__key__"])
                 if len(keys) == ds.batch_size:
-                    yield {"data": self.collate(buf, dts), "keys": keys, "counts": self.take_counts(),
+                    yield {"data": self.collate(buf, dts, labels), "keys": keys, "counts": self.take_counts(),
                            "worker": self.worker}
-                    buf, keys, dts = np.empty(shape, np.uint8), [], []
+                    buf, keys, dts, labels = np.empty(shape, np.uint8), [], [], []
                     made += 1
                     if wanted is not None and made == wanted:
                         break
@@ -347,13 +308,14 @@ class ShardReader:
                                 f"{self.explain()}")
             passes += 1
         if keys and ds.partial:
-            yield {"data": self.collate(buf[: len(keys)], dts), "keys": keys, "counts": self.take_counts(),
+            yield {"data": self.collate(buf[: len(keys)], dts, labels), "keys": keys, "counts": self.take_counts(),
                    "worker": self.worker}
         yield {"counts": self.take_counts(), "worker": self.worker}  # what was skipped after the last batch
 
-    def collate(self, buf: np.ndarray, dts: list[float]):
-        if self.ds.mode == "pair":
+    def collate(self, buf: np.ndarray, dts: list[float], labels: list[int | None]):
+        if self.ds.mode == "pair":  # (pair, dt) (+ class indices [B] int64 when conditional)
             # reorder to [B,2,3,H,W] while still uint8 (4x fewer bytes to shuffle), then scale to [-1, 1]
             x = torch.from_numpy(np.ascontiguousarray(buf.transpose(0, 1, 4, 2, 3)))
-            return x.float().mul_(2.0 / 255.0).sub_(1.0), torch.tensor(dts, dtype=torch.float32)
+            out = x.float().mul_(2.0 / 255.0).sub_(1.0), torch.tensor(dts, dtype=torch.float32)
+            return out + (torch.tensor(labels, dtype=torch.int64),) if self.ds.num_classes else out
         return torch.from_numpy(buf)  # [B,T,H,W,3] uint8

@@ -156,7 +156,8 @@ def _start(cfg: Config) -> _Run:
     state = TrainState()
     # This rank's shard stream (resampled or exact epochs: every rank runs the same number of steps).
     loader = build_pair_loader(cfg.data, cfg.model.resolution, rt.batch_per_worker, rank, world_size, cfg.train.seed,
-                               batch_start=rt.batch_start, global_batch=cfg.train.batch_size)
+                               batch_start=rt.batch_start, global_batch=cfg.train.batch_size,
+                               num_classes=cfg.model.num_classes)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -181,9 +182,9 @@ def _loop(cfg: Config, run: _Run, stopper: StopPoller, keys_log) -> None:
     last_ckpt = time.monotonic()  # train.checkpoint_minutes counts from here and from every checkpoint
     while state.cur_nimg < total_nimg:
         t0 = time.perf_counter()
-        real_pair, real_dt = next(batches)
+        real_pair, real_dt, *labels = next(batches)  # + class indices when model.num_classes > 0
         t_data = time.perf_counter() - t0
-        stats = rt.train_step(real_pair, real_dt)
+        stats = rt.train_step(real_pair, real_dt, labels=labels[0] if labels else None)
         prev_nimg = state.cur_nimg
         state.step, state.cur_nimg = rt.step, rt.cur_nimg
         if keys_log is not None:

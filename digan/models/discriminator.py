@@ -10,6 +10,10 @@ Blocks run from `resolution` down to 8 (channels min(d_channel_base // res, d_ch
 with fromRGB (1x1) in the first block; then the epilogue at 4x4: minibatch-stddev (group 4, 1 channel),
 conv 3x3 (C + 1 -> C), FC (16 C -> C), FC (C -> 1).
 
+Class-conditional (model.num_classes > 0, StyleGAN2-ADA's projection discriminator, as the official code
+builds it): the last FC outputs C features, the label goes through its own mapping network (embedding +
+8 FC, lr x0.01, no z) to `cmap` [N, C], and the logit is <features, cmap> / sqrt(C).
+
 Precision: on CUDA the top `d_fp16_resolutions` blocks run in fp16 and every conv output is clamped to
 +-conv_clamp (official: 4 blocks, clamp 256). On CPU everything stays fp32 without clamping (CPU fp16
 convolutions are slow and the clamp only guards fp16 overflow). Activations stay NCHW (see Conv2dLayer).
@@ -22,7 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from digan.models.layers import Conv2dLayer, FullyConnected, MinibatchStd
+from digan.models.layers import Conv2dLayer, FullyConnected, MappingNetwork, MinibatchStd
 
 SQRT_HALF = math.sqrt(0.5)
 
@@ -55,23 +59,25 @@ class DiscriminatorBlock(nn.Module):
 class DiscriminatorEpilogue(nn.Module):
     """4x4 head: minibatch-stddev, conv 3x3, FC, FC -> one logit; always fp32."""
 
-    def __init__(self, in_channels: int, resolution: int, mbstd_group: int, mbstd_channels: int):
+    def __init__(self, in_channels: int, resolution: int, mbstd_group: int, mbstd_channels: int, cmap_dim: int = 0):
         super().__init__()
-        self.in_channels, self.resolution = in_channels, resolution
+        self.in_channels, self.resolution, self.cmap_dim = in_channels, resolution, cmap_dim
         self.mbstd = MinibatchStd(mbstd_group, mbstd_channels) if mbstd_channels > 0 else None
         self.conv = Conv2dLayer(in_channels + mbstd_channels, in_channels, 3, activation="lrelu")
         self.fc = FullyConnected(in_channels * resolution * resolution, in_channels, activation="lrelu")
-        self.out = FullyConnected(in_channels, 1)
+        self.out = FullyConnected(in_channels, cmap_dim or 1)
 
-    def forward(self, x: Tensor, clamp: float | None) -> Tensor:
+    def forward(self, x: Tensor, clamp: float | None, cmap: Tensor | None = None) -> Tensor:
         if x.dtype == torch.float16:  # back to full precision for the head (parameters' dtype)
             x = x.to(self.out.weight.dtype)
         if self.mbstd is not None:
             x = self.mbstd(x)
         x = self.conv(x, clamp=clamp)
         # flatten in NCHW order (the official layout of fc's weight), whatever the memory format
-        x = self.fc(x.contiguous().flatten(1))
-        return self.out(x).squeeze(1)
+        x = self.out(self.fc(x.contiguous().flatten(1)))
+        if self.cmap_dim:  # projection onto the label's mapped embedding
+            return (x * cmap).sum(dim=1) * (1 / math.sqrt(self.cmap_dim))
+        return x.squeeze(1)
 
 
 class Discriminator(nn.Module):
@@ -94,10 +100,14 @@ class Discriminator(nn.Module):
             self.blocks[f"b{res}"] = DiscriminatorBlock(in_channels, channels(res), channels(res // 2), res,
                                                         img_channels, use_fp16=res >= fp16_resolution)
             res //= 2
-        self.epilogue = DiscriminatorEpilogue(channels(4), 4, cfg.mbstd_group, cfg.mbstd_channels)
+        self.num_classes = cfg.num_classes
+        cmap_dim = channels(4) if cfg.num_classes > 0 else 0
+        if cfg.num_classes > 0:  # official: 8 layers, lr x0.01, embed features = cmap_dim
+            self.mapping = MappingNetwork(0, cmap_dim, 8, 0.01, w_avg_beta=None, num_classes=cfg.num_classes)
+        self.epilogue = DiscriminatorEpilogue(channels(4), 4, cfg.mbstd_group, cfg.mbstd_channels, cmap_dim)
 
-    def forward(self, img: Tensor) -> Tensor:
-        """img [N, C, H, W] -> logits [N] (float32)."""
+    def forward(self, img: Tensor, c: Tensor | None = None) -> Tensor:
+        """img [N, C, H, W] (+ class labels c [N] or [N, num_classes] when conditional) -> logits [N] (float32)."""
         if img.dim() != 4 or img.shape[1:] != (self.img_channels, self.resolution, self.resolution):
             raise ValueError(f"{type(self).__name__} expects [N, {self.img_channels}, {self.resolution}, "
                              f"{self.resolution}], got {list(img.shape)}")
@@ -109,7 +119,11 @@ class Discriminator(nn.Module):
         for block in self.blocks.values():
             x = block(x, img, img_cuda, clamp)
             img = None  # only the first block reads the image
-        return self.epilogue(x, clamp)
+        if self.num_classes == 0:
+            if c is not None:
+                raise ValueError("class labels given to an unconditional discriminator (model.num_classes=0)")
+            return self.epilogue(x, clamp)
+        return self.epilogue(x, clamp, self.mapping(None, c))
 
 
 class ImageDiscriminator(Discriminator):

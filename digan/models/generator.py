@@ -30,38 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from digan.models.layers import (LRELU_GAIN, LRELU_SLOPE, FullyConnected, generate_coords,
-                                 normalize_2nd_moment, upsample2x_nearest)
+from digan.models.layers import (LRELU_GAIN, LRELU_SLOPE, FullyConnected, MappingNetwork, generate_coords,
+                                 upsample2x_nearest)
 
 MOTION_LRELU_SLOPE = 0.01  # official: F.leaky_relu with PyTorch's default slope inside phi(t)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Mapping network.
-
-
-class MappingNetwork(nn.Module):
-    """z_I -> w: 2nd-moment normalisation, then `num_layers` FC + lrelu with lr multiplier; tracks w_avg."""
-
-    def __init__(self, z_dim: int, w_dim: int, num_layers: int = 2, lr_mult: float = 0.01,
-                 w_avg_beta: float = 0.995):
-        super().__init__()
-        self.z_dim, self.w_dim, self.num_layers, self.w_avg_beta = z_dim, w_dim, num_layers, w_avg_beta
-        dims = [z_dim] + [w_dim] * num_layers
-        for i in range(num_layers):
-            setattr(self, f"fc{i}", FullyConnected(dims[i], dims[i + 1], activation="lrelu", lr_mult=lr_mult))
-        self.register_buffer("w_avg", torch.zeros(w_dim))
-
-    def forward(self, z: Tensor, truncation_psi: float = 1.0) -> Tensor:
-        x = normalize_2nd_moment(z.to(torch.float32))
-        for i in range(self.num_layers):
-            x = getattr(self, f"fc{i}")(x)
-        if self.training:
-            # Moving average of w for truncation (official beta 0.995); no gradient flows into it.
-            self.w_avg.copy_(x.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
-        if truncation_psi != 1:
-            x = self.w_avg.lerp(x, truncation_psi)
-        return x
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,8 +227,8 @@ class VideoCode:
 class Generator(nn.Module):
     """DIGAN's INR video generator; all structure derived from a `ModelConfig`.
 
-    forward(z [B, z_dim], z_motion [B, motion_z_dim], t [B, T], scale=1) -> frames [B, T, 3, H*scale, W*scale]
-    (float, roughly in [-1, 1], not clamped). `scale` > 1 renders every block on an s-times denser
+    forward(z [B, z_dim], z_motion [B, motion_z_dim], t [B, T], scale=1, c=None) -> frames [B, T, 3, H*scale,
+    W*scale] (float, roughly in [-1, 1], not clamped); c: class labels when model.num_classes > 0. `scale` > 1 renders every block on an s-times denser
     coordinate grid (spatial super-resolution, reference §7).
     """
 
@@ -265,7 +237,9 @@ class Generator(nn.Module):
         self.z_dim, self.w_dim, self.motion_z_dim = cfg.z_dim, cfg.w_dim, cfg.motion_z_dim
         self.resolution, self.input_resolution = cfg.resolution, cfg.input_resolution
         self.img_channels = 3
-        self.mapping = MappingNetwork(cfg.z_dim, cfg.w_dim, cfg.mapping_layers, cfg.mapping_lr_mult)
+        self.num_classes = cfg.num_classes
+        self.mapping = MappingNetwork(cfg.z_dim, cfg.w_dim, cfg.mapping_layers, cfg.mapping_lr_mult,
+                                      num_classes=cfg.num_classes)
 
         def channels(res: int) -> int:
             return min(cfg.channel_base // res, cfg.channel_max)
@@ -281,13 +255,16 @@ class Generator(nn.Module):
             self.blocks[f"b{res}"] = SynthesisBlock(kind, prev, channels(res), grid, cfg, num_extra)
             prev, res = channels(res), res * 2
 
-    def prepare(self, z: Tensor, z_motion: Tensor, truncation_psi: float = 1.0) -> VideoCode:
-        """Per-video INR weights for content z [B, z_dim] and motion z_motion [B, motion_z_dim]."""
+    def prepare(self, z: Tensor, z_motion: Tensor, truncation_psi: float = 1.0, c: Tensor | None = None) -> VideoCode:
+        """Per-video INR weights for content z [B, z_dim], motion z_motion [B, motion_z_dim] and, for a
+        class-conditional model, class labels c ([B] indices or [B, num_classes] weights)."""
         if z.dim() != 2 or z.shape[1] != self.z_dim:
             raise ValueError(f"z must be [B, {self.z_dim}], got {list(z.shape)}")
         if z_motion.shape != (z.shape[0], self.motion_z_dim):
             raise ValueError(f"z_motion must be [{z.shape[0]}, {self.motion_z_dim}], got {list(z_motion.shape)}")
-        w = self.mapping(z, truncation_psi=truncation_psi)
+        if c is not None and self.num_classes == 0:
+            raise ValueError("class labels given to an unconditional generator (model.num_classes=0)")
+        w = self.mapping(z, c, truncation_psi=truncation_psi)
         z_motion = z_motion.to(w.dtype)
         return VideoCode(w=w, z_motion=z_motion,
                          blocks={name: block.prepare(w, z_motion) for name, block in self.blocks.items()})
@@ -306,5 +283,6 @@ class Generator(nn.Module):
         b, frames, side = t.shape[0], t.shape[1], self.resolution * scale
         return img.reshape(b, 3, frames, side, side).transpose(1, 2).contiguous()
 
-    def forward(self, z: Tensor, z_motion: Tensor, t: Tensor, scale: int = 1, truncation_psi: float = 1.0) -> Tensor:
-        return self.render(self.prepare(z, z_motion, truncation_psi), t, scale)
+    def forward(self, z: Tensor, z_motion: Tensor, t: Tensor, scale: int = 1, truncation_psi: float = 1.0,
+                c: Tensor | None = None) -> Tensor:
+        return self.render(self.prepare(z, z_motion, truncation_psi, c), t, scale)

@@ -95,6 +95,58 @@ class FullyConnected(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Mapping network (G's z -> w; the conditional discriminators' label -> cmap).
+
+
+class MappingNetwork(nn.Module):
+    """(z, class label) -> w: 2nd-moment normalised z and label embedding, concatenated, then `num_layers` FC +
+    lrelu with lr multiplier; tracks w_avg for truncation (official StyleGAN2-ADA `MappingNetwork`).
+
+    `num_classes` > 0 adds `embed` (one-hot label -> w_dim features, normalised like z); `z_dim` = 0 maps the
+    label alone (the discriminators' label mapping, which tracks no w_avg)."""
+
+    def __init__(self, z_dim: int, w_dim: int, num_layers: int = 2, lr_mult: float = 0.01,
+                 w_avg_beta: float | None = 0.995, num_classes: int = 0):
+        super().__init__()
+        self.z_dim, self.w_dim, self.num_layers, self.w_avg_beta = z_dim, w_dim, num_layers, w_avg_beta
+        self.num_classes = num_classes
+        self.embed = FullyConnected(num_classes, w_dim) if num_classes > 0 else None
+        dims = [z_dim + (w_dim if num_classes > 0 else 0)] + [w_dim] * num_layers
+        for i in range(num_layers):
+            setattr(self, f"fc{i}", FullyConnected(dims[i], dims[i + 1], activation="lrelu", lr_mult=lr_mult))
+        if w_avg_beta is not None:
+            self.register_buffer("w_avg", torch.zeros(w_dim))
+
+    def forward(self, z: Tensor | None, c: Tensor | None = None, truncation_psi: float = 1.0) -> Tensor:
+        parts = [normalize_2nd_moment(z.to(torch.float32))] if self.z_dim > 0 else []
+        if self.embed is not None:
+            parts.append(normalize_2nd_moment(self.embed(class_onehot(c, self.num_classes))))
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        for i in range(self.num_layers):
+            x = getattr(self, f"fc{i}")(x)
+        if self.w_avg_beta is not None and self.training:
+            # Moving average of w for truncation (official beta 0.995); no gradient flows into it.
+            self.w_avg.copy_(x.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
+        if truncation_psi != 1:
+            x = self.w_avg.lerp(x, truncation_psi)
+        return x
+
+
+def class_onehot(c: Tensor | None, num_classes: int) -> Tensor:
+    """Class labels as the mapping networks take them: int64 indices [B] -> one-hot float32 [B, num_classes]
+    (a float [B, num_classes] passes through: mixtures of classes)."""
+    if c is None:
+        raise ValueError(f"a class-conditional model (model.num_classes={num_classes}) needs class labels")
+    if c.dtype in (torch.int64, torch.int32):
+        if c.dim() != 1 or (c.numel() and (int(c.min()) < 0 or int(c.max()) >= num_classes)):
+            raise ValueError(f"class labels must be indices [B] in [0, {num_classes}), got {c.tolist()[:8]}")
+        return F.one_hot(c.long(), num_classes).to(torch.float32)
+    if c.dim() != 2 or c.shape[1] != num_classes:
+        raise ValueError(f"class labels must be [B] indices or [B, {num_classes}] weights, got {list(c.shape)}")
+    return c.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
 # FIR low-pass filtering as a depthwise conv, with a hand-written adjoint.
 #
 # PyTorch's generic double backward of a grouped conv (needed by R1) computes a filter gradient with one

@@ -151,28 +151,37 @@ class DIGANLoss:
         t = sample_time_pairs(batch_size, device=device)
         return z, z_M, t
 
-    def generate_pairs(self, G: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Render 2 frames per video at `sample_latents`' times: (pair [B,2,3,H,W], Δt [B])."""
+    def generate_pairs(self, G: torch.nn.Module, batch_size: int, labels: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Render 2 frames per video at `sample_latents`' times: (pair [B,2,3,H,W], Δt [B]); `labels` [B]: the
+        fakes' classes (a conditional G; the caller passes the step's real labels: the data's class mix)."""
         z, z_M, t = self.sample_latents(G, batch_size)
         if z.shape[0] != batch_size:
             raise RuntimeError(f"latents for {z.shape[0]} samples, batch of {batch_size}")
         p = next(G.parameters())
-        pair = G(z.to(p.device, p.dtype), z_M.to(p.device, p.dtype), t.to(p.device, p.dtype))
+        cond = {} if labels is None else {"c": labels.to(p.device)}
+        pair = G(z.to(p.device, p.dtype), z_M.to(p.device, p.dtype), t.to(p.device, p.dtype), **cond)
         return pair, (t[:, 1] - t[:, 0]).to(p.device)
 
-    def run_D(self, D_img: torch.nn.Module, D_mot: torch.nn.Module, x: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run_D(self, D_img: torch.nn.Module, D_mot: torch.nn.Module, x: torch.Tensor,
+              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Augment a 7-channel motion input once and score it: (logits_M [N], logits_I [2N], frames_aug).
 
-        frames_aug [2N, 3, H, W] is the exact tensor D_I saw (R1 of D_I is taken w.r.t. it).
+        frames_aug [2N, 3, H, W] is the exact tensor D_I saw (R1 of D_I is taken w.r.t. it). `labels` [N]
+        (conditional Ds): both frames of a pair carry its label, as in the official `OurDiscriminator`.
         """
         dtype = _dtype_of(D_mot)
         pair = x[:, :6].unflatten(1, (2, 3))
         pair = self.augment(self.ada(pair) if self.ada is not None else pair)
         x_aug = torch.cat([pair.flatten(1, 2), x[:, 6:]], dim=1)  # the Δt plane is not augmented
         frames_aug = pair.flatten(0, 1).to(_dtype_of(D_img))
-        logits_M = _fp32_up(D_mot(x_aug.to(dtype))).flatten()
-        logits_I = _fp32_up(D_img(frames_aug)).flatten()
+        if labels is None:
+            logits_M = _fp32_up(D_mot(x_aug.to(dtype))).flatten()
+            logits_I = _fp32_up(D_img(frames_aug)).flatten()
+        else:
+            labels = labels.to(x.device)
+            logits_M = _fp32_up(D_mot(x_aug.to(dtype), labels)).flatten()
+            logits_I = _fp32_up(D_img(frames_aug, labels.repeat_interleave(2, dim=0))).flatten()
         return logits_M, logits_I, frames_aug
 
     def _r1(self, real_M: torch.Tensor, real_I: torch.Tensor, x_real: torch.Tensor,
@@ -187,7 +196,8 @@ class DIGANLoss:
         return r1, {"r1": r1.detach(), "r1_penalty_M": r1_M.detach(), "r1_penalty_I": r1_I.detach()}
 
     def d_loss(self, G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, real_pair: torch.Tensor,
-               real_dt: torch.Tensor, do_r1: bool = False) -> tuple[torch.Tensor, Stats]:
+               real_dt: torch.Tensor, do_r1: bool = False, labels: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, Stats]:
         """D's adversarial loss for one step (both discriminators); with `do_r1` the folded schedule's
         interval-scaled R1 on the same real forward is added.
 
@@ -195,14 +205,15 @@ class DIGANLoss:
         real_dt [B] = index gap / (N - 1). G is only run forward, without building a graph: D's step
         must not touch G's gradients. Stats: loss_D is the adversarial part; with R1, r1 = gamma/2
         (|∇_M|² + |∇_I|²) before the interval scaling, r1_penalty_{M,I} the raw mean squared norms.
+        `labels` [B] (conditional): the reals' classes, also the fakes' (`generate_pairs`).
         """
         batch_size = real_pair.shape[0]
         with torch.no_grad():
-            fake_pair, fake_dt = self.generate_pairs(G, batch_size)
-        fake_M, fake_I, _ = self.run_D(D_img, D_mot, motion_input(fake_pair, fake_dt))
+            fake_pair, fake_dt = self.generate_pairs(G, batch_size, labels)
+        fake_M, fake_I, _ = self.run_D(D_img, D_mot, motion_input(fake_pair, fake_dt), labels)
 
         x_real = motion_input(real_pair, real_dt).detach().requires_grad_(do_r1)
-        real_M, real_I, frames_aug = self.run_D(D_img, D_mot, x_real)
+        real_M, real_I, frames_aug = self.run_D(D_img, D_mot, x_real, labels)
 
         loss_M = F.softplus(fake_M).mean() + F.softplus(-real_M).mean()
         loss_I = F.softplus(fake_I).mean() + F.softplus(-real_I).mean()
@@ -220,7 +231,7 @@ class DIGANLoss:
         return loss, stats
 
     def r1_loss(self, D_img: torch.nn.Module, D_mot: torch.nn.Module, real_pair: torch.Tensor,
-                real_dt: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+                real_dt: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
         """The separate schedule's R1 loss (official phase "Dreg"): r1_interval * gamma/2 (...).
 
         Its own forward of the reals (same batch as D's main step) with its own augmentation draw; the
@@ -230,16 +241,17 @@ class DIGANLoss:
         exactly as the official optimizer does. Stats as for `d_loss` with R1.
         """
         x_real = motion_input(real_pair, real_dt).detach().requires_grad_(True)
-        real_M, real_I, frames_aug = self.run_D(D_img, D_mot, x_real)
+        real_M, real_I, frames_aug = self.run_D(D_img, D_mot, x_real, labels)
         r1, stats = self._r1(real_M, real_I, x_real, frames_aug)
         zero = (real_M * 0).mean() + (real_I * 0).mean()
         return (zero + r1) * self.r1_interval, stats
 
     def g_loss(self, G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module,
-               batch_size: int) -> tuple[torch.Tensor, Stats]:
-        """G's non-saturating loss on a fresh batch. The caller freezes D (see `recipe.g_step`)."""
-        fake_pair, fake_dt = self.generate_pairs(G, batch_size)
-        fake_M, fake_I, _ = self.run_D(D_img, D_mot, motion_input(fake_pair, fake_dt))
+               batch_size: int, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
+        """G's non-saturating loss on a fresh batch (of classes `labels`, conditional). The caller freezes D
+        (see `recipe.g_step`)."""
+        fake_pair, fake_dt = self.generate_pairs(G, batch_size, labels)
+        fake_M, fake_I, _ = self.run_D(D_img, D_mot, motion_input(fake_pair, fake_dt), labels)
         loss_M = F.softplus(-fake_M).mean()
         loss_I = F.softplus(-fake_I).mean()
         loss = loss_M + loss_I

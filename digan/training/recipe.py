@@ -50,34 +50,36 @@ def frozen(*modules: torch.nn.Module) -> Iterator[None]:
 
 
 def d_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, d_updater: Updater,
-           loss: DIGANLoss, real_pair: torch.Tensor, real_dt: torch.Tensor, do_r1: bool = False) -> Stats:
+           loss: DIGANLoss, real_pair: torch.Tensor, real_dt: torch.Tensor, do_r1: bool = False,
+           labels: torch.Tensor | None = None) -> Stats:
     """One adversarial update of both discriminators (official "Dmain"; one backward, one step).
 
     `do_r1` adds the folded schedule's R1 to this step's loss (the separate schedule uses `r1_step`).
     """
     d_updater.zero_grad()
-    loss_D, stats = loss.d_loss(G, D_img, D_mot, real_pair, real_dt, do_r1)
+    loss_D, stats = loss.d_loss(G, D_img, D_mot, real_pair, real_dt, do_r1, labels)
     d_updater.backward(loss_D)
     d_updater.step()
     return stats
 
 
 def r1_step(D_img: torch.nn.Module, D_mot: torch.nn.Module, d_updater: Updater, loss: DIGANLoss,
-            real_pair: torch.Tensor, real_dt: torch.Tensor) -> Stats:
+            real_pair: torch.Tensor, real_dt: torch.Tensor, labels: torch.Tensor | None = None) -> Stats:
     """The separate schedule's R1 update of both discriminators (official "Dreg"; own backward and step)."""
     d_updater.zero_grad()
-    loss_r1, stats = loss.r1_loss(D_img, D_mot, real_pair, real_dt)
+    loss_r1, stats = loss.r1_loss(D_img, D_mot, real_pair, real_dt, labels)
     d_updater.backward(loss_r1)
     d_updater.step()
     return stats
 
 
 def g_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, g_updater: Updater,
-           loss: DIGANLoss, batch_size: int) -> Stats:
-    """One update of G on fresh z, z_M and t; gradients flow through the frozen discriminators."""
+           loss: DIGANLoss, batch_size: int, labels: torch.Tensor | None = None) -> Stats:
+    """One update of G on fresh z, z_M and t (and classes `labels`, conditional); gradients flow through the
+    frozen discriminators."""
     g_updater.zero_grad()
     with frozen(D_img, D_mot):
-        loss_G, stats = loss.g_loss(G, D_img, D_mot, batch_size)
+        loss_G, stats = loss.g_loss(G, D_img, D_mot, batch_size, labels)
         g_updater.backward(loss_G)
     g_updater.step()
     return stats
@@ -85,24 +87,26 @@ def g_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, g
 
 def train_step(G: torch.nn.Module, D_img: torch.nn.Module, D_mot: torch.nn.Module, g_updater: Updater,
                d_updater: Updater, loss: DIGANLoss, ema: EMA, real_pair: torch.Tensor, real_dt: torch.Tensor,
-               step: int, cur_nimg: int) -> Stats:
+               step: int, cur_nimg: int, labels: torch.Tensor | None = None) -> Stats:
     """One DIGAN iteration: G step, D step, D's R1 step (when `loss.r1_due(step)`), EMA update.
 
     With `loss.r1_schedule == "folded"` the R1 of an R1 iteration is added to the D step instead.
     real_pair [B_local, 2, 3, H, W] in [-1, 1] and real_dt [B_local] are this worker's share of the batch
     (xflip is drawn here, once, so both D steps see the same reals); G's step uses the same local batch
-    size. `step` counts iterations from 0 (lazy R1 on iterations 0, k, 2k..); `cur_nimg` is the number of
+    size. A conditional model takes the reals' class indices `labels` [B_local]; the fakes of both steps
+    take them too (the data's class mix, row by row). `step` counts iterations from 0 (lazy R1 on iterations 0, k, 2k..); `cur_nimg` is the number of
     real pairs seen by all workers BEFORE this iteration (drives the EMA ramp-up, as in the official loop).
     Returns detached tensors: loss_G, loss_D, D_{M,I}_{real,fake} logit means, r1 (R1 iterations only),
     d_steps (D optimizer steps taken), ema_beta and kimg (images seen after this iteration, in thousands).
     """
     real_pair = loss.flip_reals(real_pair)
-    stats = g_step(G, D_img, D_mot, g_updater, loss, real_pair.shape[0])
+    stats = g_step(G, D_img, D_mot, g_updater, loss, real_pair.shape[0], labels)
     do_r1 = loss.r1_due(step)
-    stats |= d_step(G, D_img, D_mot, d_updater, loss, real_pair, real_dt, do_r1=do_r1 and not loss.separate_r1)
+    stats |= d_step(G, D_img, D_mot, d_updater, loss, real_pair, real_dt, do_r1=do_r1 and not loss.separate_r1,
+                    labels=labels)
     d_steps = 1
     if do_r1 and loss.separate_r1:
-        stats |= r1_step(D_img, D_mot, d_updater, loss, real_pair, real_dt)
+        stats |= r1_step(D_img, D_mot, d_updater, loss, real_pair, real_dt, labels)
         d_steps = 2
     beta = ema.update(G, cur_nimg)
     stats["d_steps"] = torch.tensor(float(d_steps))
@@ -217,14 +221,18 @@ class Trainer:
     def mean_over_ranks(self, value: float) -> float:
         return value
 
-    def train_step(self, real_pair: torch.Tensor, real_dt: torch.Tensor,
-                   sample_ids: torch.Tensor | None = None) -> Stats:
-        """One iteration on this process's share of the batch; returns detached stats tensors."""
+    def train_step(self, real_pair: torch.Tensor, real_dt: torch.Tensor, sample_ids: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None) -> Stats:
+        """One iteration on this process's share of the batch (+ its class labels, conditional); returns
+        detached stats tensors."""
         self.begin_step(real_pair, sample_ids)
         real_pair = real_pair.to(self.device, torch.float32, non_blocking=True)
         real_dt = real_dt.to(self.device, torch.float32, non_blocking=True)
+        if (labels is None) != (self.cfg.model.num_classes == 0):
+            raise ValueError(f"model.num_classes={self.cfg.model.num_classes}: a step "
+                             f"{'needs' if labels is None else 'takes no'} class labels")
         stats = train_step(self.G, self.D.img, self.D.mot, self.g_updater, self.d_updater, self.loss, self.ema,
-                           real_pair, real_dt, self.step, self.cur_nimg)
+                           real_pair, real_dt, self.step, self.cur_nimg, labels)
         self.step += 1
         self.cur_nimg += self.images_per_step(real_pair)
         tune_ada(self.ada, self.loss, stats, self.step, reduce=self.mean_over_ranks)
@@ -261,7 +269,8 @@ class SingleProcessTrainer(Trainer):
 def fit(cfg: Config, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_steps: int,
         device: torch.device | str = "cpu", seed: int | None = 0,
         log_every: int = 0) -> tuple[SingleProcessTrainer, list[dict[str, float]]]:
-    """Train for `num_steps` on an iterator of (pair [B,2,3,H,W] in [-1,1], dt [B]); returns trainer and history.
+    """Train for `num_steps` on an iterator of (pair [B,2,3,H,W] in [-1,1], dt [B]) (+ labels [B], conditional);
+    returns trainer and history.
 
     The history holds every step's stats as floats (one sync per step, fine for small CPU runs);
     `log_every > 0` prints a progress line every that many steps.
@@ -270,8 +279,8 @@ def fit(cfg: Config, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_s
     history: list[dict[str, float]] = []
     it = iter(batches)
     for _ in range(num_steps):
-        real_pair, real_dt = next(it)
-        stats = stats_to_floats(trainer.train_step(real_pair, real_dt))
+        real_pair, real_dt, *labels = next(it)
+        stats = stats_to_floats(trainer.train_step(real_pair, real_dt, labels=labels[0] if labels else None))
         history.append(stats)
         if log_every and trainer.step % log_every == 0:
             print(f"step {trainer.step:6d} kimg {stats['kimg']:8.3f} loss_G {stats['loss_G']:.4f} "
