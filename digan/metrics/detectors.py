@@ -226,3 +226,14 @@ def clips_to_frames(clips: torch.Tensor, frames_per_clip: int | None) -> torch.T
         idx = torch.linspace(0, t - 1, frames_per_clip).round().long()
         clips = clips[:, idx]
     return clips.reshape(-1, *clips.shape[2:])
+
+
+def inception_feature_fn(device="cpu", inception_weights: str | None = None):
+    """A differentiable FID-Inception feature map: float frames [N, 3, H, W] in [-1, 1] -> [N, 2048] (the
+    perceptual term of `digan.predict`; the frames are taken as (x + 1) * 127.5, resized as for FID)."""
+    net = _load_inception_cached(str(inception_weights) if inception_weights else None).to(device)
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return net(resize_nv_bilinear((x + 1) * 127.5, 299) / 128.0 - 1.0)
+
+    return features

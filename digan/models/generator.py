@@ -264,10 +264,15 @@ class Generator(nn.Module):
             raise ValueError(f"z_motion must be [{z.shape[0]}, {self.motion_z_dim}], got {list(z_motion.shape)}")
         if c is not None and self.num_classes == 0:
             raise ValueError("class labels given to an unconditional generator (model.num_classes=0)")
-        w = self.mapping(z, c, truncation_psi=truncation_psi)
+        return self.prepare_w(self.mapping(z, c, truncation_psi=truncation_psi), z_motion)
+
+    def prepare_w(self, w: Tensor, z_motion: Tensor) -> VideoCode:
+        """Per-video INR weights from mapped codes: w [B, w_dim] for every block, or [B, num_blocks, w_dim],
+        one per synthesis block (W+, e.g. for fitting a real clip: `digan.predict`)."""
         z_motion = z_motion.to(w.dtype)
-        return VideoCode(w=w, z_motion=z_motion,
-                         blocks={name: block.prepare(w, z_motion) for name, block in self.blocks.items()})
+        blocks = {name: block.prepare(w[:, i] if w.dim() == 3 else w, z_motion)
+                  for i, (name, block) in enumerate(self.blocks.items())}
+        return VideoCode(w=w, z_motion=z_motion, blocks=blocks)
 
     def render(self, code: VideoCode, t: Tensor, scale: int = 1) -> Tensor:
         """Frames at times t [B, T] -> [B, T, 3, H*scale, W*scale]; any T, any t (t > 1 extrapolates)."""
