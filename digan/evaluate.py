@@ -25,18 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from digan.config import Config, ConfigError, HelpFormatter
+from digan.config import Config, ConfigError, OneLineParser
 from digan.storage import atomic_write
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message
-        print(f"digan-evaluate: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="digan-evaluate", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = OneLineParser(prog="digan-evaluate", description=__doc__.split("\n")[0])
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="generator.pt, a checkpoint folder, or a run folder (its latest checkpoint)")
@@ -251,10 +245,36 @@ def _evaluate(args: argparse.Namespace, plan: dict) -> dict:
               file=sys.stderr, flush=True)
     report["results"] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "trials": v}
                          for k, v in per_trial.items()}
+    if cfg.model.num_classes > 0 and fvd_names:
+        report["per_class"] = _per_class(G, cfg, args, fvd_names, device)
     report["elapsed_s"] = round(time.time() - t0, 1)
     with atomic_write(plan["out"], "w") as f:
         f.write(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _per_class(G, cfg: Config, args: argparse.Namespace, names: list[str], device: str) -> dict:
+    """A conditional checkpoint: each FVD of `names` per class ({metric: {class name: {fvd, num_videos}}}),
+    the class's N videos (first trial's seeds) against N real clips of that class (one labelled pass)."""
+    from digan.data import build_clip_loader
+    from digan.metrics.compute import parse_metric
+    from digan.metrics.detectors import build_video_detector
+    from digan.metrics.per_class import per_class_fvd
+
+    me, n = cfg.metrics, cfg.model.num_classes
+    det = build_video_detector(me.detector, me.protocol, device, me.i3d_weights, args.batch_size)
+    class_names = cfg.model.class_names or [f"class{k}" for k in range(n)]
+    out = {}
+    for name in names:
+        kind, frames = parse_metric(name)
+        if kind != "fvd":
+            continue
+        loader = build_clip_loader(cfg.data, cfg.model.resolution, args.batch_size, frames, seed=args.seed,
+                                   num_classes=n)
+        scores = per_class_fvd(G, loader, n, me.num_videos, det, frames, args.seed, args.batch_size,
+                               cfg.data.num_frames)
+        out[name if me.detector == "i3d" else f"proxy_{name}"] = {class_names[k]: v for k, v in scores.items()}
+    return out
 
 
 def _inception_score(G, args, num_videos: int, device: str, seed: int, clip_frames: int) -> dict[str, float]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from digan.config import Config, ConfigError, HelpFormatter, add_config_args, config_from_args, dump_yaml
+from digan.config import (ArgumentError, Config, ConfigError, OneLineParser, add_config_args, config_from_args,
+                          dump_yaml, parse_classes, parse_seeds)
 from digan.malloc import configure_malloc
 from digan.models import build_generator, generator_from_export, read_generator_export
 from digan.sampling import render_chunks, seed_latents, time_stamps, to_uint8
@@ -42,41 +42,12 @@ from digan.video_io import Mp4Writer, frame_grid, write_gif, write_png
 FORMATS = ("mp4", "gif", "png")
 
 
-class ArgumentError(ValueError):
-    """A bad command-line argument: one line saying what is wrong."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Library functions (also used by training-time sampling and evaluation).
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-7' -> [0..7], '0,3,5' -> [0, 3, 5], '0-2,9' -> [0, 1, 2, 9] (seeds are >= 0)."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if m is None:
-            raise ArgumentError(f"bad seed {part.strip()!r} in {text!r}: use e.g. 0-7 or 0,3,5 (seeds >= 0)")
-        lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
-        if hi < lo:
-            raise ArgumentError(f"seed range {part.strip()!r} is empty (end < start)")
-        seeds.extend(range(lo, hi + 1))
-    return seeds
-
-
 # ----------------------------------------------------------------------------------------------------
 # The CLI.
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + message
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="digan-generate", description="Render DIGAN videos from seeds.",
-                formatter_class=HelpFormatter)
+    p = OneLineParser(prog="digan-generate", description="Render DIGAN videos from seeds.")
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", metavar="PATH",
                    help="generator.pt, a checkpoint folder, or a run folder (its latest checkpoint)")
@@ -203,26 +174,6 @@ class _Plan:
         if c is not None:
             name += "-" + (_safe(self.class_names[c]) if self.class_names else f"class{c:03d}")
         return name
-
-
-def parse_classes(text: str | None, model) -> list[int] | None:
-    """--classes (indices or the checkpoint's class names) -> class indices; None = the default per seed."""
-    if text is None:
-        return None
-    if model.num_classes == 0:
-        raise ArgumentError("--classes: the model is unconditional (model.num_classes=0)")
-    out = []
-    for item in (x.strip() for x in text.split(",") if x.strip()):
-        if item.isdigit() and int(item) < model.num_classes:
-            out.append(int(item))
-        elif item in model.class_names:
-            out.append(model.class_names.index(item))
-        else:
-            names = f"; names: {', '.join(model.class_names[:10])}" if model.class_names else ""
-            raise ArgumentError(f"--classes: {item!r} is not a class (indices 0-{model.num_classes - 1}{names})")
-    if not out:
-        raise ArgumentError("--classes: no class given")
-    return out
 
 
 def _safe(name: str) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from digan.generate import ArgumentError, parse_seeds
+from digan.config import ArgumentError, OneLineParser, parse_classes, parse_seeds
 from digan.sampling import to_uint8
 
 SPACES = ("w", "w+", "z")
@@ -165,9 +165,7 @@ def evaluate_prediction(clip: np.ndarray, ours: np.ndarray, observed: list[int],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from digan.generate import _Parser
-
-    p = _Parser(prog="digan-predict", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="digan-predict", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a trained run, checkpoint folder or generator.pt")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", help="a video file (any PyAV format); centre-cropped and resized to the model")
@@ -228,8 +226,6 @@ def _check(args: argparse.Namespace, cfg) -> None:
     args.observed, args.targets = _frames(args.observe, "--observe"), _frames(args.predict, "--predict")
     if args.clip_frames < 2 or args.steps < 1 or args.scale < 1:
         raise ArgumentError("--clip-frames must be >= 2, --steps and --scale >= 1")
-    from digan.generate import parse_classes
-
     classes = parse_classes(args.cls, cfg.model) if args.cls is not None else None
     if cfg.model.num_classes and classes is None:
         raise ArgumentError("--class: the model is class-conditional; give the clip's class (index or name)")

@@ -103,3 +103,25 @@ def test_the_driver_checks_classes_and_records_their_names():
         with pytest.raises(LaunchError, match=message) as e:
             check_classes(load_config("demo-32", SMALL), classes)
         assert str(e.value).startswith("model.num_classes=3") and "\n" not in str(e.value)
+
+
+def test_evaluate_reports_per_class_fvd_of_a_conditional_checkpoint(tmp_path, capsys):
+    """A conditional checkpoint's report holds the overall metrics and, per class, the FVD of that class's
+    videos against that class's real clips (one labelled pass; N capped by the clips a class has)."""
+    import json
+
+    from digan.evaluate import main as evaluate_main
+    from digan.models import build_generator, save_generator
+
+    contract_dataset(tmp_path / "shards", 12, 4, meta=_label)  # classes 0, 1, 2: 4, 4, 3 clips (clip0005 unlabelled)
+    cfg = load_config("demo-32", SMALL + ["model.class_names=[walk,run,jump]"])
+    torch.manual_seed(0)
+    save_generator(tmp_path / "ckpt", build_generator(cfg.model).eval(), cfg, step=1, kimg=0.004)
+    evaluate_main(["--checkpoint", str(tmp_path / "ckpt"), f"data.source={tmp_path / 'shards'}",
+                   "metrics.metrics=[fvd16]", "metrics.num_videos=4", "metrics.detector=proxy", "--batch-size", "4",
+                   "--cache-dir", "", "--no-progress", "--out", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert "proxy_fvd16" in report["results"]
+    per = report["per_class"]["proxy_fvd16"]
+    assert [per[c]["num_videos"] for c in ("walk", "run", "jump")] == [4, 4, 3]
+    assert all(per[c]["fvd"] > 0 for c in per)

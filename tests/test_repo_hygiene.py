@@ -69,7 +69,7 @@ FLOORS = [
     {"digan.data", "digan.training", "digan.sampling"},
     {"digan.metrics"},
     {"digan.distributed"},
-    {"digan.train", "digan.generate", "digan.evaluate"},
+    {"digan.train", "digan.generate", "digan.evaluate", "digan.predict"},
     {"sweeps", "benchmarks"},
 ]
 _OURS = ("digan", "data_shards", "sweeps", "benchmarks")

@@ -12,13 +12,15 @@ environment. `to_dict`/`from_dict` round-trip the tree, so a resolved config can
 checkpoint and re-loaded as a YAML file by `python -m digan.train --config`.
 """
 
-from digan.config.cli import HelpFormatter, add_config_args, config_from_args
+from digan.config.cli import (ArgumentError, HelpFormatter, OneLineParser, add_config_args, config_from_args,
+                              parse_classes, parse_seeds)
 from digan.config.parse import CONFIG_DIR, dump_yaml, from_dict, load_config, preset_names, set_override, to_dict
 from digan.config.tree import (DETECTORS, DIFFAUG_POLICIES, METRICS, PRECISIONS, PROTOCOLS, R1_SCHEDULES, START_METHODS,
                                Config, ConfigError, DataConfig, DistConfig, LossConfig, MetricsConfig, ModelConfig,
                                OptimConfig, TrainConfig)
 
-__all__ = ["CONFIG_DIR", "DETECTORS", "DIFFAUG_POLICIES", "METRICS", "PRECISIONS", "PROTOCOLS", "R1_SCHEDULES",
-           "START_METHODS", "Config", "ConfigError", "DataConfig", "DistConfig", "HelpFormatter", "LossConfig",
-           "MetricsConfig", "ModelConfig", "OptimConfig", "TrainConfig", "add_config_args", "config_from_args",
-           "dump_yaml", "from_dict", "load_config", "preset_names", "set_override", "to_dict"]
+__all__ = ["add_config_args", "ArgumentError", "Config", "CONFIG_DIR", "config_from_args", "ConfigError",
+           "DataConfig", "DETECTORS", "DIFFAUG_POLICIES", "DistConfig", "dump_yaml", "from_dict", "HelpFormatter",
+           "load_config", "LossConfig", "METRICS", "MetricsConfig", "ModelConfig", "OneLineParser", "OptimConfig",
+           "parse_classes", "parse_seeds", "PRECISIONS", "preset_names", "PROTOCOLS", "R1_SCHEDULES",
+           "set_override", "START_METHODS", "to_dict", "TrainConfig"]

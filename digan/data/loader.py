@@ -273,8 +273,9 @@ def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, r
 
 
 def build_clip_loader(cfg: DataConfig, resolution: int, batch: int, num_frames: int, rank: int = 0,
-                      world_size: int = 1, seed: int = 0) -> StreamLoader:
-    """Whole real clips for evaluation: iterates uint8 [B,T,R,R,3] (T = num_frames, RGB, channels last).
+                      world_size: int = 1, seed: int = 0, num_classes: int = 0) -> StreamLoader:
+    """Whole real clips for evaluation: iterates uint8 [B,T,R,R,3] (T = num_frames, RGB, channels last), with
+    `num_classes` > 0 pairs (clips, class indices int64 [B]) of labelled records only.
 
     One shuffled pass over this rank's shards per iteration (a new seeded order each pass); clips
     longer than num_frames give their first num_frames frames, shorter ones are skipped and counted.
@@ -283,5 +284,5 @@ def build_clip_loader(cfg: DataConfig, resolution: int, batch: int, num_frames: 
     src = locate(cfg, resolution, num_frames)
     ds = ClipStream(src.shards, "clip", resolution, num_frames, batch, rank, world_size, seed, False, None,
                     cfg.shuffle_buffer, partial=True, s3=s3_settings(cfg), direct=src.direct,
-                    stall_timeout_s=cfg.stall_timeout_s)
+                    stall_timeout_s=cfg.stall_timeout_s, num_classes=num_classes)
     return StreamLoader(ds, cfg.num_workers, _start_method(cfg, src.shards))

@@ -210,6 +210,7 @@ class ShardReader:
             self.reject("skipped_unlabelled", f"e.g. {rec['__key__']}: label_index {label!r}, "
                                               f"model.num_classes={self.ds.num_classes}")
             return None
+        rec["__label__"] = label
         return meta
 
     def _frame_into(self, data: bytes, out: np.ndarray) -> None:
@@ -225,7 +226,6 @@ class ShardReader:
         if meta is None:
             return None
         n, r, ext = self.ds.num_frames, self.ds.resolution, meta.get("encoding", "jpg")
-        rec["__label__"] = meta.get("label_index")
         offset, i0, i1 = rec.get("__pair__") or self._draw_pair(int(meta["num_frames"]))
         try:
             if ext == "mp4":
@@ -284,9 +284,9 @@ class ShardReader:
                     if dt is None:
                         continue
                     dts.append(dt)
-                    labels.append(rec["__label__"])
                 elif not self.clip(rec, slot):
                     continue
+                labels.append(rec["__label__"])
                 self.good()
                 self.counts["samples"] += 1
                 if passes:
@@ -318,4 +318,5 @@ class ShardReader:
             x = torch.from_numpy(np.ascontiguousarray(buf.transpose(0, 1, 4, 2, 3)))
             out = x.float().mul_(2.0 / 255.0).sub_(1.0), torch.tensor(dts, dtype=torch.float32)
             return out + (torch.tensor(labels, dtype=torch.int64),) if self.ds.num_classes else out
-        return torch.from_numpy(buf)  # [B,T,H,W,3] uint8
+        clips = torch.from_numpy(buf)  # [B,T,H,W,3] uint8 (+ class indices [B] when conditional)
+        return (clips, torch.tensor(labels, dtype=torch.int64)) if self.ds.num_classes else clips
