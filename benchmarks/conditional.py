@@ -9,8 +9,10 @@ of class k are closer to the real clips of class k than to those of the other cl
    the manifest's class table come from the builder).
 2. Training: the main job itself, `python -m digan.train --config demo-32 model.num_classes=3`.
 3. Scores: N videos per class from G_ema (seeds 0.., class k) and N real 16-frame windows per class; the
-   matrix FVD16(fake class k, real class j) with the TF-Hub I3D. Conditioning works when every row's minimum
-   is on the diagonal. Written to `conditional.json`; `grid.png` holds one row of frames per class.
+   matrix FVD16(fake class k, real class j) with the TF-Hub I3D (conditioning shows when every row's minimum
+   is on the diagonal), and per generated video the real class whose mean I3D feature is nearest (the share
+   that lands on its own class, against chance 1/3). Written to `conditional.json`; `grid.png` holds one row
+   of frames per class.
 """
 
 from __future__ import annotations
@@ -84,15 +86,26 @@ def evaluate(out: Path, n: int) -> dict:
         rows.append(videos[0, ::2].numpy())
     matrix = [[frechet_distance_from_features(fake[a], real[b]) for b in names] for a in names]
     write_png(out / "grid.png", frame_grid(np.concatenate(rows), num_cols=8))
+    # Per video: the real class whose mean I3D feature is nearest (a nearest-centroid classifier of the reals).
+    centroids = np.stack([real[c].mean(0) for c in names])
+    nearest = {c: np.argmin(((fake[c][:, None] - centroids[None]) ** 2).sum(-1), axis=1) for c in names}
+    accuracy = {c: float((nearest[c] == k).mean()) for k, c in enumerate(names)}
+    real_acc = {c: float((np.argmin(((real[c][:, None] - centroids[None]) ** 2).sum(-1), axis=1) == k).mean())
+                for k, c in enumerate(names)}
     result = {"classes": names, "class_names_in_checkpoint": cfg.model.class_names, "num_videos": n,
               "fvd16_fake_row_real_col": matrix,
-              "diagonal_is_row_minimum": all(int(np.argmin(r)) == i for i, r in enumerate(matrix))}
+              "diagonal_is_row_minimum": all(int(np.argmin(r)) == i for i, r in enumerate(matrix)),
+              "nearest_real_centroid_accuracy": accuracy, "chance": 1 / len(names),
+              "real_clips_nearest_own_centroid": real_acc}
     (out / "conditional.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"FVD16 (rows: generated class, columns: real class; N={n}):")
     print(" " * 10 + "".join(f"{c:>10s}" for c in names))
     for c, r in zip(names, matrix):
         print(f"{c:>10s}" + "".join(f"{v:10.1f}" for v in r))
     print("diagonal is every row's minimum:", result["diagonal_is_row_minimum"])
+    print("generated videos whose nearest real class centroid (I3D) is their own class:",
+          ", ".join(f"{c} {a:.2f}" for c, a in accuracy.items()), f"(chance {1 / len(names):.2f}; real clips: "
+          + ", ".join(f"{c} {a:.2f}" for c, a in real_acc.items()) + ")")
     return result
 
 
