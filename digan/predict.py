@@ -66,7 +66,7 @@ def mean_w(G, labels: torch.Tensor | None, n: int = 512, seed: int = 0) -> torch
     z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed)).to(next(G.parameters()).device)
     c = None if labels is None else labels[:1].expand(n)
     with torch.no_grad():
-        return G.mapping(z, c).mean(0, keepdim=True) if c is not None else G.mapping(z).mean(0, keepdim=True)
+        return G.mapping(z, c).mean(0, keepdim=True)
 
 
 def fit_codes(G, frames: torch.Tensor, times: torch.Tensor, space: str = "w", steps: int = 300, lr: float = 0.05,

@@ -93,8 +93,8 @@ def check_data(cfg: Config) -> None:
         src = check_source(cfg.data, cfg.model.resolution)
     except (ValueError, OSError) as e:  # FileNotFoundError, PermissionError, S3 errors are OSErrors
         raise LaunchError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    if cfg.model.num_classes > 0 and src.manifest is not None:
-        check_classes(cfg, src.manifest.get("classes") or [])
+    if cfg.model.num_classes > 0 and src.manifest is not None and "classes" in src.manifest:
+        check_classes(cfg, src.manifest["classes"] or [])  # (manifests written before class tables have none)
 
 
 def check_classes(cfg: Config, classes: list[str | None]) -> None:
