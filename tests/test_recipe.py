@@ -17,14 +17,7 @@ from digan.training import (EMA, DIGANLoss, DiffAugment, DiscriminatorPair, Plai
 from digan.training.augment import rand_translation
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets: one intra-op thread. With 2 threads on a contended 2-core machine, OpenMP's spinning
-    workers made these steps 10-20x slower (measured), and a single thread is as fast when idle."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets: one intra-op thread (conftest)
 
 
 # ----------------------------------------------------------------------------------------------------
