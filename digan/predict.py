@@ -49,8 +49,7 @@ class Fit:
 
     def code(self, G):
         if self.space == "z":
-            return G.prepare(self.z, self.z_motion, c=self.labels) if self.labels is not None else \
-                G.prepare(self.z, self.z_motion)
+            return G.prepare(self.z, self.z_motion, c=self.labels)
         return G.prepare_w(self.w, self.z_motion)
 
     def state_dict(self) -> dict:

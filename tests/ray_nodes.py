@@ -103,6 +103,23 @@ def start_worker_node(tmp: Path, name: str, address: str, env: dict[str, str], n
     return _start(cmd, dict(env, HOME=str(home)), tmp / name)
 
 
+def join_node(tmp: Path, name: str, address: str, dashboard: str, env: dict[str, str], num_cpus: int,
+              nodes: int, timeout: float = 120) -> Node:
+    """`start_worker_node`, then wait until the cluster counts `nodes` alive; a node whose `ray start` died or that
+    did not join within half the bound is stopped and started once more with fresh ports (a port taken between
+    `free_ports` and the raylet's bind). The error says what its `ray start` printed."""
+    for attempt in (1, 2):
+        node = start_worker_node(tmp, f"{name}" if attempt == 1 else f"{name}-again", address, env, num_cpus)
+        deadline = time.monotonic() + timeout / 2
+        while time.monotonic() < deadline and node.proc.poll() is None:
+            if alive_nodes(dashboard) == nodes:
+                return node
+            time.sleep(0.5)
+        log = node.log.read_text(errors="replace")[-1500:] if node.log.is_file() else ""
+        node.stop()
+    raise TimeoutError(f"node {name} did not join within 2 x {timeout / 2:.0f} s; its ray start said: {log}")
+
+
 def raylet_pids(temp_dir: Path) -> list[int]:
     """PIDs of the raylet(s) whose command line names this node's temp dir (its session logs live there)."""
     out = subprocess.run(["pgrep", "-f", f"raylet.*{temp_dir}"], capture_output=True, text=True)

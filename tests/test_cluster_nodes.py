@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from digan.distributed import checkpoint as ckpt
-from ray_nodes import (VENV_BIN, alive_nodes, base_env, kill_raylet, start_head, start_worker_node, wait_for)
+from ray_nodes import (VENV_BIN, alive_nodes, base_env, join_node, kill_raylet, start_head, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +43,7 @@ class TwoNodes:
         self.start_second()
 
     def start_second(self) -> None:
-        self.second = start_worker_node(self.tmp, "w1", self.address, self.env, num_cpus=1)
-        wait_for(lambda: alive_nodes(self.dashboard) == 2, 120, "the second node to join")
+        self.second = join_node(self.tmp, "w1", self.address, self.dashboard, self.env, num_cpus=1, nodes=2)
 
     def submit(self, sid: str, *overrides: str) -> None:
         cmd = [str(VENV_BIN / "ray"), "job", "submit", "--no-wait", "--address", self.dashboard, "--submission-id",

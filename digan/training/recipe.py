@@ -231,6 +231,8 @@ class Trainer:
         if (labels is None) != (self.cfg.model.num_classes == 0):
             raise ValueError(f"model.num_classes={self.cfg.model.num_classes}: a step "
                              f"{'needs' if labels is None else 'takes no'} class labels")
+        if labels is not None:  # once per step, not per forward
+            labels = labels.to(self.device, non_blocking=True)
         stats = train_step(self.G, self.D.img, self.D.mot, self.g_updater, self.d_updater, self.loss, self.ema,
                            real_pair, real_dt, self.step, self.cur_nimg, labels)
         self.step += 1
