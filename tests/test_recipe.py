@@ -56,9 +56,9 @@ def tiny_nets(res=8, dtype=torch.float32):
 
 
 def fixed_augment(policy="color,translation", seed=3):
-    """DiffAugment with the same random parameters on every call (re-seeded generator)."""
+    """DiffAugment with the same random parameters on every call (re-seeded generator; keyed rows ignored)."""
     aug = DiffAugment(policy, translation_ratio=0.25)
-    return lambda pair: aug(pair, generator=torch.Generator().manual_seed(seed))
+    return lambda pair, rows=None: aug(pair, generator=torch.Generator().manual_seed(seed))
 
 
 def finite_diff_grad(f, x, h=1e-5):
@@ -381,8 +381,8 @@ class PhaseRecorder(DIGANLoss):
         self.events = []
         aug = DiffAugment("color,translation", translation_ratio=0.25)
 
-        def augment(pair):
-            params = aug.sample(pair)
+        def augment(pair, rows=None):
+            params = aug.sample(pair, rows=rows)
             self.events.append(("augment", params))
             return aug.apply(pair, params)
 
@@ -630,3 +630,38 @@ def test_one_process_draws_the_fakes_that_ranks_draw():
         trainer.step += 1
     with pytest.raises(ValueError, match="train.batch_size is 4"):
         trainer.train_step(real[:2], torch.rand(2))
+
+
+def test_a_sample_is_augmented_and_grouped_alike_however_the_batch_is_split():
+    """Keyed draws (xflip, ADA, DiffAugment) and the minibatch-stddev order: one process holding the global batch
+    of 8 and two holding 4 each give every sample the same augmentation and the same D logits (so a step's maths
+    does not depend on the worker count). Without the order, the groups differ and so do the logits."""
+    from digan.training.loss import motion_input
+    from digan.training.recipe import group_order
+
+    over = ["model.resolution=8", "model.input_resolution=4", "model.channel_max=8", "model.d_channel_max=8",
+            "model.z_dim=8", "model.w_dim=8", "model.motion_z_dim=8", "model.coord_emb_size=4", "train.batch_size=8",
+            "model.mbstd_group=4", "loss.xflip=true", "loss.diffaug_policy=color,translation,cutout", "loss.ada_p=0.6"]
+    trainer = SingleProcessTrainer(load_config("demo-32", over), seed=0)
+    loss, D, latents = trainer.loss, trainer.D, trainer.latents
+    g = torch.Generator().manual_seed(0)
+    real, dt = torch.rand(8, 2, 3, 8, 8, generator=g) * 2 - 1, torch.rand(8, generator=g)
+
+    def logits(ids: torch.Tensor, order: torch.Tensor | None):
+        ids = ids if order is None else ids[order]
+        latents.begin_step(7, ids)
+        pair = loss.flip_reals(real[ids])
+        with torch.no_grad():
+            m, i, _ = loss.run_D(D.img, D.mot, motion_input(pair, dt[ids]))
+        back = torch.empty_like(ids)
+        back[ids - ids.min()] = torch.arange(len(ids))  # rows in global sample order
+        return m[back], i.view(-1, 2)[back]
+
+    order = group_order(8, 4)
+    assert order.tolist() == [0, 4, 1, 5, 2, 6, 3, 7] and group_order(4, 4) is None
+    whole = logits(torch.arange(8), order)
+    halves = [logits(torch.arange(4 * r, 4 * r + 4), None) for r in range(2)]
+    torch.testing.assert_close(torch.cat([h[0] for h in halves]), whole[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([h[1] for h in halves]), whole[1], rtol=1e-5, atol=1e-6)
+    plain = logits(torch.arange(8), None)  # the same samples and draws, strided groups across the halves
+    assert not torch.allclose(plain[0], whole[0], rtol=1e-4, atol=1e-5)

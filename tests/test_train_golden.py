@@ -57,7 +57,10 @@ class ReplayLoss(DIGANLoss):
         super().__init__(**kwargs)
         self.latents, self.augments = deque(latents), deque(augments)
         diffaug = DiffAugment(kwargs["diffaug_policy"], kwargs["translation_ratio"])
-        self.augment = lambda pair: diffaug.apply(pair, self.augments.popleft())
+        self.augment = lambda pair, rows=None: diffaug.apply(pair, self.augments.popleft())
+
+    def _rows(self):
+        return None  # the recorded draws replace the keyed ones
 
     def sample_latents(self, G, batch_size):
         z, z_M, t = self.latents.popleft()

@@ -35,17 +35,20 @@ class GANRuntime(Trainer):
         super().__init__(cfg, device, lambda m, opt: DeepSpeedUpdater(initialize_engine(m, opt, ds_config, device),
                                                                       cfg.optim.grad_clamp, self.weight),
                          nets_on_device=False)
-        # Augmentation and xflip draw from this rank's own stream.
+        # Augmentation and xflip are keyed by global sample index (`KeyedLatents.rows`); anything else random
+        # draws from this rank's own stream.
         seed_everything(seed_for_rank(cfg.train.seed, rank))
 
     def local_sample_ids(self) -> torch.Tensor:
         """Global indices of this rank's samples (`batch_slice`)."""
         return torch.arange(self.batch_start, self.batch_start + self.batch_per_worker)
 
-    def begin_step(self, real_pair: torch.Tensor, sample_ids: torch.Tensor | None) -> None:
+    def begin_step(self, real_pair: torch.Tensor, sample_ids: torch.Tensor | None,
+                   order: torch.Tensor | None = None) -> None:
         if real_pair.shape[0] != self.batch_per_worker:
             raise ValueError(f"batch of {real_pair.shape[0]} on a rank that expects {self.batch_per_worker}")
-        self.latents.begin_step(self.step, self.local_sample_ids() if sample_ids is None else sample_ids)
+        ids = self.local_sample_ids() if sample_ids is None else sample_ids
+        self.latents.begin_step(self.step, ids if order is None else ids[order])
 
     def images_per_step(self, real_pair: torch.Tensor) -> int:
         return self.cfg.train.batch_size

@@ -6,16 +6,22 @@ position just because of augmentation. The Δt plane of D_M's input is never aug
 only the frames here. Every op is differentiable (also twice, for R1 through the augmentation).
 
 Tensors are pairs `[N, 2, 3, H, W]` (N pairs, frame_early then frame_late). Random draws use the
-global RNG of the pair's device unless a `torch.Generator` (on that device) is given.
+global RNG of the pair's device unless a `torch.Generator` (on that device) is given, or `Rows`: the draws
+of a whole global batch from a CPU generator, of which the pair's rows are kept (the training loss: the
+same augmentation of a sample on any number of workers; `digan.training.latents.Rows`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from digan.config import DIFFAUG_POLICIES as POLICIES
+
+if TYPE_CHECKING:
+    from digan.training.latents import Rows
 
 
 def _uniform(n: int, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -144,12 +150,19 @@ class DiffAugment:
         self.translation_ratio = translation_ratio
         self.cutout_ratio = cutout_ratio
 
-    def sample(self, pair: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def sample(self, pair: torch.Tensor, generator: torch.Generator | None = None,
+               rows: Rows | None = None) -> dict[str, torch.Tensor]:
         """The random parameters for a batch of pairs [N, 2, C, H, W]: one value (or offset pair) per pair.
 
         Keys: brightness, saturation, contrast (U(0, 1) draws), translation_x/_y (integer shifts),
-        cutout_x/_y (integer centres), for the ops in the policy.
+        cutout_x/_y (integer centres), for the ops in the policy. With `rows`: drawn for the global batch
+        (float32 on the CPU), these rows kept.
         """
+        if rows is not None:
+            like = torch.empty(1, 1, 1, 1, 1).expand(rows.total, 1, 1, *pair.shape[3:])  # CPU float32, no memory
+            whole = self.sample(like, rows.generator)
+            return {k: rows.keep(v, pair).to(pair.dtype if v.is_floating_point() else v.dtype)
+                    for k, v in whole.items()}
         n, _, _, h, w = pair.shape
         params: dict[str, torch.Tensor] = {}
         for p in self.policy:
@@ -179,20 +192,25 @@ class DiffAugment:
                 x = cutout(x, params["cutout_x"], params["cutout_y"], self.cutout_ratio)
         return x
 
-    def __call__(self, pair: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, pair: torch.Tensor, generator: torch.Generator | None = None,
+                 rows: Rows | None = None) -> torch.Tensor:
         if pair.ndim != 5 or pair.shape[1] != 2:
             raise ValueError(f"DiffAugment expects pairs [N, 2, C, H, W], got {list(pair.shape)}")
         if not self.policy:
             return pair
-        return self.apply(pair, self.sample(pair, generator))
+        return self.apply(pair, self.sample(pair, generator, rows))
 
     def __repr__(self) -> str:
         return f"DiffAugment(policy={','.join(self.policy)!r}, translation_ratio={self.translation_ratio})"
 
 
-def random_xflip(pair: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_xflip(pair: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None,
+                 rows: Rows | None = None) -> torch.Tensor:
     """Mirror each real pair horizontally with probability p, both frames together (official `mirror: 1`)."""
-    flip = torch.rand(pair.shape[0], device=pair.device, generator=generator) < p
+    if rows is not None:
+        flip = rows.keep(torch.rand(rows.total, generator=rows.generator) < p, pair)
+    else:
+        flip = torch.rand(pair.shape[0], device=pair.device, generator=generator) < p
     return torch.where(flip.view(-1, 1, 1, 1, 1), pair.flip(-1), pair)
 
 
@@ -266,13 +284,17 @@ class AdaptiveAugment:
         apply(eye, on, t * 2)
         return torch.cat([A, shift.unsqueeze(-1)], dim=-1), changed
 
-    def __call__(self, pair: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, pair: torch.Tensor, generator: torch.Generator | None = None,
+                 rows: Rows | None = None) -> torch.Tensor:
         if pair.ndim != 5 or pair.shape[1] != 2:
             raise ValueError(f"AdaptiveAugment expects pairs [N, 2, C, H, W], got {list(pair.shape)}")
         if self.p <= 0:
             return pair
         n, _, c, h, w = pair.shape
-        theta, changed = self.matrices(n, w, generator, pair.device)
+        if rows is not None:
+            theta, changed = (rows.keep(t, pair) for t in self.matrices(rows.total, w, rows.generator))
+        else:
+            theta, changed = self.matrices(n, w, generator, pair.device)
         x = pair.flatten(1, 2)  # [N, 2C, H, W]: both frames through one map
         grid = torch.nn.functional.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         y = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -3,10 +3,13 @@
 z, z_M and t of fake sample i at step s come from a generator seeded by (seed, s, phase), drawn for the whole
 global batch; each rank keeps its rows. Every trainer's loss draws through them (`recipe.Trainer`: one
 process, or one rank of many), so one process and N workers train on the same fake videos for the same
-global batch.
+global batch. The step's augmentation draws (xflip of the reals, ADA, DiffAugment) are keyed the same way
+(`KeyedLatents.rows`), on their own counter.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +25,19 @@ def _mix(*parts: int) -> int:
     return h & (2**63 - 1)
 
 
+@dataclass
+class Rows:
+    """Draw for all `total` samples of a global batch from `generator` (CPU) and keep the rows `ids` (this
+    process's samples, in its order): a sample's draw is then the same whichever worker holds it."""
+
+    generator: torch.Generator
+    total: int
+    ids: torch.Tensor
+
+    def keep(self, drawn: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return drawn[self.ids].to(like.device)
+
+
 class KeyedLatents:
     """z, z_M and t of fake sample i at step s are a function of (seed, s, phase, i), not of the rank.
 
@@ -35,11 +51,18 @@ class KeyedLatents:
 
     def __init__(self, seed: int, global_batch: int):
         self.seed, self.global_batch = seed, global_batch
-        self.step, self.phase = 0, 0
+        self.step, self.phase, self.augment_phase = 0, 0, 0
         self.sample_ids = torch.arange(global_batch)
 
     def begin_step(self, step: int, sample_ids: torch.Tensor) -> None:
-        self.step, self.phase, self.sample_ids = step, 0, sample_ids.cpu().long()
+        self.step, self.phase, self.augment_phase, self.sample_ids = step, 0, 0, sample_ids.cpu().long()
+
+    def rows(self) -> Rows:
+        """The next augmentation draw of this step: for the whole global batch, keyed by (seed, step, 2**20 +
+        call), this process's rows kept (`digan.training.augment.Rows`)."""
+        g = torch.Generator(device="cpu").manual_seed(_mix(self.seed, self.step, (1 << 20) + self.augment_phase))
+        self.augment_phase += 1
+        return Rows(g, self.global_batch, self.sample_ids)
 
     def draw(self, z_dim: int, motion_z_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = torch.Generator(device="cpu").manual_seed(_mix(self.seed, self.step, self.phase))

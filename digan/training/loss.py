@@ -135,7 +135,12 @@ class DIGANLoss:
     def flip_reals(self, real_pair: torch.Tensor) -> torch.Tensor:
         """The real batch as D sees it this iteration: xflip (when on) drawn once, like the official
         dataset's mirror, so D's main step and its R1 step see the same reals."""
-        return random_xflip(real_pair) if self.xflip else real_pair
+        return random_xflip(real_pair, rows=self._rows()) if self.xflip else real_pair
+
+    def _rows(self):
+        """Augmentation draws keyed by global sample index when the latents are (`KeyedLatents.rows`), else
+        None: the global RNG."""
+        return self.latents.rows() if self.latents is not None else None
 
     def sample_latents(self, G: torch.nn.Module, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fresh z [B, z_dim], z_M [B, motion_z_dim] and sorted Beta times t [B, 2]: from `self.latents` when
@@ -172,7 +177,9 @@ class DIGANLoss:
         """
         dtype = _dtype_of(D_mot)
         pair = x[:, :6].unflatten(1, (2, 3))
-        pair = self.augment(self.ada(pair) if self.ada is not None else pair)
+        if self.ada is not None:
+            pair = self.ada(pair, rows=self._rows())
+        pair = self.augment(pair, rows=self._rows())
         x_aug = torch.cat([pair.flatten(1, 2), x[:, 6:]], dim=1)  # the Δt plane is not augmented
         frames_aug = pair.flatten(0, 1).to(_dtype_of(D_img))
         if labels is None:

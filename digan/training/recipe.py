@@ -160,6 +160,17 @@ class DiscriminatorPair(torch.nn.Module):
         self.mot = D_mot
 
 
+def group_order(n: int, group: int) -> torch.Tensor | None:
+    """The order of a process's n samples (whole contiguous groups of `group` of the global batch, in global
+    order) in which D's minibatch-stddev groups (strided: sample i with i + n/group, i + 2n/group, ...) are
+    those contiguous groups: sample j of group b goes to row j * (n / group) + b. None when n holds at most
+    one group (nothing to reorder) or is not made of whole groups. So the groups, and with them the maths of
+    a step, are the same on any number of workers (a rank of 4 and a process of 8 both group 0-3 and 4-7)."""
+    if n <= group or n % group:
+        return None
+    return torch.arange(n).view(n // group, group).t().flatten()
+
+
 class Trainer:
     """G, D_I + D_M, G_ema, their updaters, the loss and ADA's tuner, and the step counters: what takes training
     steps, in one process (`SingleProcessTrainer`) or as one rank of many (`digan.distributed.runtime.GANRuntime`,
@@ -205,14 +216,16 @@ class Trainer:
         return self.ema.module
 
     # Hooks of one step (a rank of many overrides them).
-    def begin_step(self, real_pair: torch.Tensor, sample_ids: torch.Tensor | None) -> None:
-        """Before the step's draws: the global sample indices of this process's rows (here: all of them)."""
+    def begin_step(self, real_pair: torch.Tensor, sample_ids: torch.Tensor | None,
+                   order: torch.Tensor | None = None) -> None:
+        """Before the step's draws: the global sample indices of this process's rows (here: all of them), in
+        the step's `order` (`group_order`)."""
         if sample_ids is None:
             if real_pair.shape[0] != self.cfg.train.batch_size:
                 raise ValueError(f"a batch of {real_pair.shape[0]} in one process: train.batch_size is "
                                  f"{self.cfg.train.batch_size}")
             sample_ids = torch.arange(real_pair.shape[0])
-        self.latents.begin_step(self.step, sample_ids)
+        self.latents.begin_step(self.step, sample_ids if order is None else sample_ids[order])
 
     def images_per_step(self, real_pair: torch.Tensor) -> int:
         """Real pairs this step shows D, all ranks together."""
@@ -225,7 +238,11 @@ class Trainer:
                    labels: torch.Tensor | None = None) -> Stats:
         """One iteration on this process's share of the batch (+ its class labels, conditional); returns
         detached stats tensors."""
-        self.begin_step(real_pair, sample_ids)
+        order = group_order(real_pair.shape[0], self.cfg.model.mbstd_group)
+        if order is not None:
+            real_pair, real_dt = real_pair[order], real_dt[order]
+            labels = labels[order] if labels is not None else None
+        self.begin_step(real_pair, sample_ids, order)
         real_pair = real_pair.to(self.device, torch.float32, non_blocking=True)
         real_dt = real_dt.to(self.device, torch.float32, non_blocking=True)
         if (labels is None) != (self.cfg.model.num_classes == 0):
