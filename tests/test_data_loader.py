@@ -273,3 +273,37 @@ def test_exact_epochs_with_unequal_shares_of_an_elastic_group(demo):
             steps += 1
         assert steps == 369 // 16
     assert len(seen) == len(set(seen)) == 23 * 16
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_the_global_batch_is_the_same_on_any_number_of_workers(demo, resampled):
+    """Streams of the largest group (3 ranks x 4 of a global batch of 12): 3, 2 (shares 6 + 6, cutting a stream
+    in two) or 1 worker(s) read the same global batches, step by step, clip by clip and pixel by pixel, over two
+    epochs, in exact and in resampled mode; with one DataLoader worker process per rank."""
+    from digan.distributed.utils import batch_slice
+
+    cfg = DataConfig(source=str(demo), num_workers=1, resampled=resampled, shuffle_buffer=16, epoch_clips=96)
+    streams = [batch_slice(12, 3, v, 2) for v in range(3)]
+
+    def global_batches(world: int) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
+        shares = [batch_slice(12, world, r, 2) for r in range(world)]
+        loaders = [build_pair_loader(cfg, 32, n, rank=r, world_size=world, seed=5, batch_start=s, global_batch=12,
+                                     streams=streams) for r, (s, n) in enumerate(shares)]
+        out = []
+        for _ in range(2):
+            for steps in zip(*(_with_keys(lo) for lo in loaders)):
+                out.append((sum((k for k, _, _ in steps), []), torch.cat([p for _, p, _ in steps]),
+                            torch.cat([d for _, _, d in steps])))
+        return out
+
+    three, two, one = (global_batches(w) for w in (3, 2, 1))
+    assert len(three) == (2 * (369 // 12) if not resampled else 2 * 8)
+    for a, b, c in zip(three, two, one):
+        assert a[0] == b[0] == c[0] and len(set(a[0])) == 12
+        assert torch.equal(a[1], b[1]) and torch.equal(a[1], c[1]) and torch.equal(a[2], b[2]) and torch.equal(a[2], c[2])
+    assert three[0][0] != three[len(three) // 2][0]  # the second epoch is another draw
+
+
+def _with_keys(loader):
+    for pair, dt in loader:
+        yield list(loader.last_keys), pair, dt

@@ -10,8 +10,10 @@ The rank/worker split is webdataset's split_by_node + split_by_worker, driven by
 and world size given to the builders rather than by RANK/WORLD_SIZE in the environment. Resampled
 mode is webdataset's ResampledShards + with_epoch (counted per worker), seeded per reader.
 
-Everything random is seeded by (seed, rank, worker, epoch, purpose), so a stream is reproducible and
-two ranks or two epochs never share one. Batches are assembled in the workers; each one carries the
+Everything random is seeded by (seed, stream, worker, epoch, purpose), so a stream is reproducible and
+two streams or two epochs never share one. Training pairs come in `streams` (one per rank of the run's largest
+worker count, `dist.num_workers`): a rank of a smaller (elastic) group reads the streams of its share of the global
+batch side by side, so the global batch does not depend on how many workers hold it. Batches are assembled in the workers; each one carries the
 counts of records read and skipped since the previous batch, which the main process adds up, so
 `loader.stats()` covers every worker process exactly (no shared memory needed).
 
@@ -21,6 +23,7 @@ dt = (late - early) / (N - 1), values scaled to [-1, 1]; only the two frames are
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 
@@ -39,7 +42,8 @@ class ClipStream(torch.utils.data.IterableDataset):
                  rank: int, world_size: int, seed: int, resampled: bool, batches_per_worker: int | None,
                  shuffle_buffer: int, partial: bool, s3: S3Settings, start_epoch: int = 0, direct: bool = False,
                  shard_clips: list[int] | None = None, stall_timeout_s: float = 300.0,
-                 global_batch: int | None = None, batch_start: int | None = None, num_classes: int = 0):
+                 global_batch: int | None = None, batch_start: int | None = None, num_classes: int = 0,
+                 streams: list[tuple[int, int]] | None = None):
         super().__init__()
         self.num_classes = num_classes  # > 0: pairs come with class indices (records without one are skipped)
         # This rank's batches hold global samples [batch_start, batch_start + batch_size) of every global batch of
@@ -56,7 +60,27 @@ class ClipStream(torch.utils.data.IterableDataset):
         self.start_epoch = start_epoch
         self.skip: dict[int, int] = {}  # exact epochs, resumed mid-epoch: batches each worker already gave
         self._num_iters = 0  # counted inside each worker: persistent workers re-enter __iter__ once per epoch
-        self._endless = None  # resampled mode: (reader, batches) kept across epochs inside the worker
+        self._endless = None  # resampled mode: [(reader, batches)] kept across epochs inside the worker
+        # (first sample, size) of each stream's share of a global batch; None: one stream per rank of this group
+        self.streams = streams
+
+    def parts(self) -> list[tuple["ClipStream", int, int]]:
+        """(the stream as its own dataset, first row, end row of it in this rank's batches) for each stream this
+        rank's share [batch_start, batch_start + batch_size) overlaps. A stream's dataset is this one as rank v of
+        len(streams) would have it: the reads, draws and shuffles of stream v are the same whichever rank holds
+        it. Just this dataset when the streams are the ranks (a fixed worker count)."""
+        lo, hi = self.batch_start, self.batch_start + self.batch_size
+        if self.streams is None or (len(self.streams) == self.world_size and self.streams[self.rank] == (lo, self.batch_size)):
+            return [(self, 0, self.batch_size)]
+        out = []
+        for v, (start, size) in enumerate(self.streams):
+            a, b = max(lo, start), min(hi, start + size)
+            if a < b:
+                part = copy.copy(self)
+                part.rank, part.world_size, part.batch_start, part.batch_size = v, len(self.streams), start, size
+                part.streams = None
+                out.append((part, a - start, b - start))
+        return out
 
     @property
     def exact(self) -> bool:
@@ -76,24 +100,40 @@ class ClipStream(torch.utils.data.IterableDataset):
         first = self._num_iters == 0
         self._num_iters += 1
         configure_s3(self.s3)
+        parts = self.parts()
         if not self.resampled:
             skip = self.skip.get(worker, 0) if first else 0
-            for b in ShardReader(self, worker, num_workers, epoch).batches():
+            readers = [ShardReader(part, worker, num_workers, epoch).batches() for part, _, _ in parts]
+            for items in zip(*readers):  # the streams give their batches in step, then their last counts
+                b = _merge(items, parts)
                 if skip and "data" in b:  # taken before the checkpoint: made again (same draws), not yielded
                     skip -= 1
                     continue
                 yield b
             return
-        # Resampled: one endless stream per (seed, rank, worker, start epoch), cut into epochs of a fixed
+        # Resampled: one endless stream per (seed, stream, worker, start epoch), cut into epochs of a fixed
         # number of batches (webdataset's with_epoch, counted per worker). Keeping it alive across epochs
         # avoids refilling the shuffle buffer at every epoch boundary.
         if getattr(self, "_endless", None) is None:
-            reader = ShardReader(self, worker, num_workers, epoch)
-            self._endless = (reader, reader.batches())
-        reader, batches = self._endless
-        for _, b in zip(range(self.batches_per_worker), batches):
-            yield b
-        yield {"counts": reader.take_counts(), "worker": worker}
+            readers = [ShardReader(part, worker, num_workers, epoch) for part, _, _ in parts]
+            self._endless = [(reader, reader.batches()) for reader in readers]
+        for _, items in zip(range(self.batches_per_worker), zip(*(batches for _, batches in self._endless))):
+            yield _merge(items, parts)
+        yield {"counts": sum(reader.take_counts() for reader, _ in self._endless), "worker": worker}
+
+
+def _merge(items: tuple[dict, ...], parts: list[tuple[ClipStream, int, int]]) -> dict:
+    """One rank's batch from its streams' batches (each cut to the rows this rank holds), in global order."""
+    if len(items) == 1 and parts[0][1] == 0 and parts[0][2] == parts[0][0].batch_size:
+        return items[0]
+    out = {"counts": sum(item["counts"] for item in items), "worker": items[0]["worker"]}
+    if "data" in items[0]:
+        rows = [slice(a, b) for _, a, b in parts]
+        data = [item["data"] if isinstance(item["data"], tuple) else (item["data"],) for item in items]
+        merged = tuple(torch.cat([d[k][r] for d, r in zip(data, rows)]) for k in range(len(data[0])))
+        out["data"] = merged if isinstance(items[0]["data"], tuple) else merged[0]
+        out["keys"] = [key for item, r in zip(items, rows) for key in item["keys"][r]]
+    return out
 
 
 def _own_line(e: BaseException) -> str:
@@ -234,7 +274,7 @@ def _start_method(cfg: DataConfig, shards: list[str]) -> str:
 
 def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, rank: int = 0, world_size: int = 1,
                       seed: int = 0, batch_start: int | None = None, global_batch: int | None = None,
-                      num_classes: int = 0) -> StreamLoader:
+                      num_classes: int = 0, streams: list[tuple[int, int]] | None = None) -> StreamLoader:
     """DIGAN training pairs of one rank: iterates `(pair float32 [B,2,3,R,R] in [-1,1], dt float32 [B])`, plus
     class indices int64 [B] (the records' `label_index`; records without a valid one skipped and counted as
     `skipped_unlabelled`) when `num_classes` > 0.
@@ -252,7 +292,10 @@ def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, r
     rank takes the same number of steps. A restored loader resumes inside the epoch it was saved in.
 
     Ranks of an elastic group whose size does not divide the global batch take unequal shares:
-    `batch_start` (this rank's first sample of each global batch) and `global_batch` say which.
+    `batch_start` (this rank's first sample of each global batch) and `global_batch` say which. `streams`:
+    (first sample, size) of each rank's share at the run's largest worker count; a rank reads the streams its
+    share covers, each as that rank would (its shards, pair draws, shuffle and exact-epoch share), so the global
+    batch, in either mode, is the same at any worker count.
     """
     src = check_source(cfg, resolution)
     global_batch = world_size * batch_per_worker if global_batch is None else global_batch
@@ -268,7 +311,7 @@ def build_pair_loader(cfg: DataConfig, resolution: int, batch_per_worker: int, r
     ds = ClipStream(src.shards, "pair", resolution, cfg.num_frames, batch_per_worker, rank, world_size, seed,
                     cfg.resampled, bpw, cfg.shuffle_buffer, partial=False, s3=s3_settings(cfg), direct=src.direct,
                     shard_clips=clips, stall_timeout_s=cfg.stall_timeout_s, global_batch=global_batch,
-                    batch_start=batch_start, num_classes=num_classes)
+                    batch_start=batch_start, num_classes=num_classes, streams=streams)
     return StreamLoader(ds, cfg.num_workers, _start_method(cfg, src.shards))
 
 

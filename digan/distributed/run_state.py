@@ -83,6 +83,13 @@ def save_checkpoint(cfg: Config, rt: GANRuntime, state: TrainState, loader, logg
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def same_streams(saved: dict, cfg: Config) -> bool:
+    """Whether a checkpoint's data streams are this run's: the same largest worker count, batch and data."""
+    dist, train = saved.get("dist", {}), saved.get("train", {})
+    return (dist.get("num_workers") == cfg.dist.num_workers and train.get("batch_size") == cfg.train.batch_size
+            and saved.get("data", {}).get("num_workers") == cfg.data.num_workers)
+
+
 def restore(directory: str, rt: GANRuntime, state: TrainState, loader, rank: int, world_size: int) -> None:
     """Load engines (collective), counters + G_ema, and this rank's loader/RNG state when the world matches."""
     train_state = ckpt.load_weights_only(os.path.join(directory, ckpt.TRAIN_STATE_FILE))
@@ -98,10 +105,15 @@ def restore(directory: str, rt: GANRuntime, state: TrainState, loader, rank: int
         set_rng_state(rank_state["rng"])
         if "ada" in rank_state:  # this rank's part of the open ADA interval
             rt.set_ada(rank_state["ada"])
+    elif same_streams(train_state["config"], rt.cfg):
+        # Another worker count of the same run (elastic): the data streams belong to dist.num_workers, not to the
+        # ranks, so every rank's loader was at the same place; take rank 0's. Augmentation is keyed by sample.
+        loader.load_state_dict(ckpt.load_weights_only(os.path.join(directory, ckpt.rank_state_file(0)))["loader"])
+        seed_everything(seed_for_rank(rt.cfg.train.seed * 7919 + state.step, rank))
     else:
-        # Another world size: per-rank streams cannot be mapped; start fresh ones that differ from
-        # the ones used before the checkpoint (keyed by the resume step).
+        # Another largest worker count or batch: the streams cannot be mapped; start fresh ones that differ
+        # from the ones used before the checkpoint (keyed by the resume step).
         seed_everything(seed_for_rank(rt.cfg.train.seed * 7919 + state.step, rank))
         if rank == 0:
-            print(f"resume with {world_size} workers (checkpoint had another count): fresh data/RNG streams",
-                  flush=True)
+            print(f"resume with {world_size} workers of at most {rt.cfg.dist.num_workers} (the checkpoint had "
+                  f"another largest count or batch): fresh data streams", flush=True)

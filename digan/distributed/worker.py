@@ -35,7 +35,7 @@ from digan.distributed import checkpoint as ckpt
 from digan.distributed.run_logger import RunLogger
 from digan.distributed.run_state import TrainState, restore, save_checkpoint
 from digan.distributed.runtime import GANRuntime
-from digan.distributed.utils import any_rank, dist_mean, dist_sum
+from digan.distributed.utils import any_rank, batch_slice, dist_mean, dist_sum
 from digan.malloc import configure_malloc
 
 
@@ -155,9 +155,12 @@ def _start(cfg: Config) -> _Run:
     rt = GANRuntime(cfg, rank, world_size, device)
     state = TrainState()
     # This rank's shard stream (resampled or exact epochs: every rank runs the same number of steps).
+    # Streams of the largest group (dist.num_workers): a smaller elastic group reads the same global batches.
+    streams = [batch_slice(cfg.train.batch_size, cfg.dist.num_workers, v, cfg.model.mbstd_group)
+               for v in range(cfg.dist.num_workers)]
     loader = build_pair_loader(cfg.data, cfg.model.resolution, rt.batch_per_worker, rank, world_size, cfg.train.seed,
                                batch_start=rt.batch_start, global_batch=cfg.train.batch_size,
-                               num_classes=cfg.model.num_classes)
+                               num_classes=cfg.model.num_classes, streams=streams)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
