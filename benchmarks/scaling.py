@@ -30,7 +30,10 @@ to that ceiling, which is what the distributed code itself costs.
 
 `--elastic` runs the largest count once more as an elastic group (`dist.min_workers` = count - 1, the
 same workers placed) and prints what the elastic machinery costs per step against the fixed-size row
-(Ray Train's resize monitor in its controller; no extra work in the step when the count divides the batch).
+(Ray Train's resize monitor in its controller; no extra work in the step when the group has its largest
+count). `--repeats K` alternates K more fixed and K elastic rows of that count (fixed, elastic, fixed, ...)
+and compares medians, with the fixed rows' own spread beside it: on a shared machine a single pair of rows
+differs by more than the 2 % target.
 """
 
 from __future__ import annotations
@@ -207,6 +210,9 @@ def main() -> int:
     p.add_argument("--elastic", action="store_true",
                    help="also run the largest count as an elastic group (dist.min_workers = count - 1) and print "
                         "what the elastic machinery costs against the fixed-size row")
+    p.add_argument("--repeats", type=int, default=0,
+                   help="with --elastic: alternate this many more fixed and elastic rows of the largest count and "
+                        "compare medians (samples/s and samples per CPU-second)")
     p.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)  # internal: one copy
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="more config overrides")
     args = p.parse_args()
@@ -248,15 +254,29 @@ def main() -> int:
 
 
 def elastic_row(args: argparse.Namespace, rows: list[dict]) -> dict:
-    """The largest count once more as an elastic group; what that costs against its fixed-size row."""
-    with tempfile.TemporaryDirectory(prefix="digan-scaling-") as storage:
-        r = run_row(args, max(args.workers), storage, elastic=True)
-    fixed = next(x for x in rows if x["workers"] == max(args.workers) and not x["elastic"])
-    r["elastic_overhead"] = 1 - r["samples_per_s"] / fixed["samples_per_s"]
-    print(f"\nelastic {r['workers']} workers (min {max(1, r['workers'] - 1)}): {r['samples_per_s']:.2f} samples/s "
-          f"vs {fixed['samples_per_s']:.2f} fixed: the elastic machinery costs {100 * r['elastic_overhead']:.1f} % "
-          f"(target < 2 %: {'met' if r['elastic_overhead'] < 0.02 else 'NOT met'}; load {r['load_before']} -> "
-          f"{r['load_after']})", flush=True)
+    """The largest count as an elastic group (alternated with fixed rows, `--repeats`); what that costs against
+    the fixed-size rows, compared by medians."""
+    n = max(args.workers)
+    fixed, elastic = [next(x for x in rows if x["workers"] == n and not x["elastic"])], []
+    for i in range(args.repeats + 1):
+        for is_elastic in ((True,) if i == 0 else (False, True)):
+            with tempfile.TemporaryDirectory(prefix="digan-scaling-") as storage:
+                r = run_row(args, n, storage, elastic=is_elastic)
+            (elastic if is_elastic else fixed).append(r)
+            print(f"  {n} workers {'elastic' if is_elastic else 'fixed  '}: {r['samples_per_s']:8.2f} samples/s, "
+                  f"{r['samples_per_cpu_s']:.2f} per CPU-s (load {r['load_before']} -> {r['load_after']})", flush=True)
+    r = dict(elastic[-1])
+    for key in ("samples_per_s", "samples_per_cpu_s"):
+        f, e = statistics.median(x[key] for x in fixed), statistics.median(x[key] for x in elastic)
+        r[f"elastic_overhead_{key}"] = 1 - e / f
+        r[f"fixed_spread_{key}"] = (max(x[key] for x in fixed) - min(x[key] for x in fixed)) / f
+    r["elastic_overhead"] = r["elastic_overhead_samples_per_s"]
+    r["repeats"] = len(elastic)
+    print(f"\nelastic {n} workers (min {max(1, n - 1)}), medians of {len(elastic)} elastic and {len(fixed)} fixed rows: "
+          f"the elastic machinery costs {100 * r['elastic_overhead']:.1f} % of samples/s "
+          f"({100 * r['elastic_overhead_samples_per_cpu_s']:.1f} % per CPU-second); the fixed rows themselves "
+          f"spread {100 * r['fixed_spread_samples_per_s']:.1f} % ({100 * r['fixed_spread_samples_per_cpu_s']:.1f} %) "
+          f"(target < 2 %: {'met' if r['elastic_overhead'] < 0.02 else 'NOT met'})", flush=True)
     return r
 
 
