@@ -28,12 +28,19 @@ process alone, then in N independent processes at once, alternated `--ceiling-ro
 that never talk reach ceiling x N x one copy; the workers' efficiency is then also reported relative
 to that ceiling, which is what the distributed code itself costs.
 
-`--elastic` runs the largest count once more as an elastic group (`dist.min_workers` = count - 1, the
-same workers placed) and prints what the elastic machinery costs per step against the fixed-size row
-(Ray Train's resize monitor in its controller; no extra work in the step when the group has its largest
-count). `--repeats K` alternates K more fixed and K elastic rows of that count (fixed, elastic, fixed, ...)
-and compares medians, with the fixed rows' own spread beside it: on a shared machine a single pair of rows
-differs by more than the 2 % target.
+`--elastic` (`elastic_cost.py`) runs the largest count once more as an elastic group (`dist.min_workers` =
+count - 1, the same workers placed) and measures what the elastic machinery costs per step where it runs:
+- in the step, what makes a step's maths the same at any worker count (latents and augmentation parameters
+  drawn for the whole global batch, this rank's rows kept, rows put in the global minibatch-stddev group
+  order): `--machinery-steps` steps of one rank in a process of its own, the time inside those functions
+  against the step's (an upper bound), and steps with all-local draws alternated with them as a check;
+- outside it, what only an elastic group runs (Ray Train's resize checks in its controller, its run-state
+  tracking, the driver's bounded wait for `dist.min_workers`): the CPU the driver and Ray Train's actors
+  use in the elastic rows beyond the fixed ones, as a share of the workers' CPU.
+The sum is the figure against the 2 % target. The rows' samples/s are compared too (`--repeats K`
+alternates K more fixed and K elastic rows, compared by medians with the fixed rows' own spread): on a
+shared 2-core machine two rows of the same config differ by more than 2 %, so that comparison can only
+say the machinery's cost is below the noise.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import time
 from pathlib import Path
 
 from common import load_avg  # noqa: E402 (also puts the repository on sys.path)
+from elastic_cost import elastic_cost, elastic_row  # noqa: E402
 from digan.config import load_config  # noqa: E402
 
 TARGET = 0.85
@@ -66,22 +74,40 @@ class CpuSampler:
         self.thread.start()
 
     @staticmethod
-    def _snapshot() -> tuple[int, int, int]:
-        """(machine busy ticks, training-worker ticks, their DataLoader children's ticks)."""
+    def _ticks(stat_path: str) -> int:
+        st = open(stat_path).read()
+        f = st[st.rfind(")") + 2:].split()
+        return int(f[11]) + int(f[12])  # utime + stime
+
+    def _snapshot(self) -> tuple[int, int, int, int, dict[str, int]]:
+        """(machine busy ticks, training-worker ticks, their DataLoader children's ticks, the driver's ticks (this
+        process but the sampler's own thread), ticks of Ray's other actors by name)."""
         fields = open("/proc/stat").readline().split()[1:]
         busy = sum(int(x) for i, x in enumerate(fields) if i not in (3, 4))  # all but idle and iowait
-        procs = {}
+        procs, actors = {}, {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                if not open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"ray::RayTrainWorker"):
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+                if not cmd.startswith(b"ray::"):
                     continue
                 st = open(f"/proc/{pid}/stat").read()
             except OSError:
                 continue
             f = st[st.rfind(")") + 2:].split()
-            procs[pid] = (f[1], int(f[11]) + int(f[12]))  # (parent pid, utime + stime)
+            if cmd.startswith(b"ray::RayTrainWorker"):
+                procs[pid] = (f[1], int(f[11]) + int(f[12]))  # (parent pid, utime + stime)
+            else:
+                name = cmd.split(b"\0")[0].split()[0].decode(errors="replace")
+                actors[name] = actors.get(name, 0) + int(f[11]) + int(f[12])
         workers = sum(t for ppid, t in procs.values() if ppid not in procs)
-        return busy, workers, sum(t for ppid, t in procs.values() if ppid in procs)
+        driver = 0
+        for tid in os.listdir("/proc/self/task"):
+            if int(tid) != self.tid:
+                try:
+                    driver += self._ticks(f"/proc/self/task/{tid}/stat")
+                except OSError:
+                    pass
+        return busy, workers, sum(t for ppid, t in procs.values() if ppid in procs), driver, actors
 
     def _lines(self) -> int:
         try:
@@ -90,20 +116,26 @@ class CpuSampler:
             return 0
 
     def _run(self) -> None:
+        import threading
+
+        self.tid = threading.get_native_id()
         while not self.stop.wait(0.5):
             self.samples.append((time.time(), self._lines(), *self._snapshot()))
 
     def shares(self) -> dict:
-        """Mean cores busy over the measured windows: machine, workers, data loaders, everything else."""
+        """Mean cores busy over the measured windows: machine, workers, data loaders, everything else; of the
+        latter, the driver (this process) and Ray's other actors by name (Ray Train's controller, ...)."""
         self.stop.set()
         self.thread.join()
         final = self._lines()
         inside = [s for s in self.samples if 2 <= s[1] < final] or self.samples  # after window 1, before the end
-        (t0, _, b0, w0, d0), (t1, _, b1, w1, d1) = inside[0], inside[-1]
+        (t0, _, b0, w0, d0, r0, a0), (t1, _, b1, w1, d1, r1, a1) = inside[0], inside[-1]
         hz = os.sysconf("SC_CLK_TCK") * max(t1 - t0, 1e-9)
         busy, workers, loaders = (b1 - b0) / hz, (w1 - w0) / hz, (d1 - d0) / hz
+        actors = {k: (v - a0.get(k, 0)) / hz for k, v in a1.items()}
         return {"machine_cores_busy": busy, "worker_cores": workers, "loader_cores": loaders,
-                "other_cores": max(0.0, busy - workers - loaders)}
+                "other_cores": max(0.0, busy - workers - loaders), "driver_cores": (r1 - r0) / hz,
+                "actor_cores": {k: round(v, 4) for k, v in sorted(actors.items(), key=lambda kv: -kv[1]) if v > 0}}
 
 
 def run_row(args: argparse.Namespace, num_workers: int, storage: str, elastic: bool = False) -> dict:
@@ -193,7 +225,7 @@ def measure_ceiling(args: argparse.Namespace, n: int) -> tuple[float, list[float
     return statistics.mean(alone), together
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="demo-64")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -213,9 +245,15 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=0,
                    help="with --elastic: alternate this many more fixed and elastic rows of the largest count and "
                         "compare medians (samples/s and samples per CPU-second)")
+    p.add_argument("--machinery-steps", type=int, default=60,
+                   help="with --elastic: steps of each kind for the in-step cost of the count-independent draws")
     p.add_argument("--ceiling-worker", action="store_true", help=argparse.SUPPRESS)  # internal: one copy
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="more config overrides")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     if args.ceiling_worker:
         ceiling_worker(args)
         return 0
@@ -246,38 +284,13 @@ def main() -> int:
                       flush=True)
     print_efficiency(rows)
     if args.elastic:
-        rows.append(elastic_row(args, rows))
+        rows.append(elastic_row(args, rows, run_row))
+        if args.machinery_steps > 0:
+            rows[-1].update(elastic_cost(args, rows[-1]))
     if device.startswith("CPU") and args.ceiling_steps > 0:
         ceilings(args, rows)
     print(json.dumps({"rows": rows}))
     return 0
-
-
-def elastic_row(args: argparse.Namespace, rows: list[dict]) -> dict:
-    """The largest count as an elastic group (alternated with fixed rows, `--repeats`); what that costs against
-    the fixed-size rows, compared by medians."""
-    n = max(args.workers)
-    fixed, elastic = [next(x for x in rows if x["workers"] == n and not x["elastic"])], []
-    for i in range(args.repeats + 1):
-        for is_elastic in ((True,) if i == 0 else (False, True)):
-            with tempfile.TemporaryDirectory(prefix="digan-scaling-") as storage:
-                r = run_row(args, n, storage, elastic=is_elastic)
-            (elastic if is_elastic else fixed).append(r)
-            print(f"  {n} workers {'elastic' if is_elastic else 'fixed  '}: {r['samples_per_s']:8.2f} samples/s, "
-                  f"{r['samples_per_cpu_s']:.2f} per CPU-s (load {r['load_before']} -> {r['load_after']})", flush=True)
-    r = dict(elastic[-1])
-    for key in ("samples_per_s", "samples_per_cpu_s"):
-        f, e = statistics.median(x[key] for x in fixed), statistics.median(x[key] for x in elastic)
-        r[f"elastic_overhead_{key}"] = 1 - e / f
-        r[f"fixed_spread_{key}"] = (max(x[key] for x in fixed) - min(x[key] for x in fixed)) / f
-    r["elastic_overhead"] = r["elastic_overhead_samples_per_s"]
-    r["repeats"] = len(elastic)
-    print(f"\nelastic {n} workers (min {max(1, n - 1)}), medians of {len(elastic)} elastic and {len(fixed)} fixed rows: "
-          f"the elastic machinery costs {100 * r['elastic_overhead']:.1f} % of samples/s "
-          f"({100 * r['elastic_overhead_samples_per_cpu_s']:.1f} % per CPU-second); the fixed rows themselves "
-          f"spread {100 * r['fixed_spread_samples_per_s']:.1f} % ({100 * r['fixed_spread_samples_per_cpu_s']:.1f} %) "
-          f"(target < 2 %: {'met' if r['elastic_overhead'] < 0.02 else 'NOT met'})", flush=True)
-    return r
 
 
 def print_efficiency(rows: list[dict]) -> None:
