@@ -81,40 +81,15 @@ def control_cores(row: dict) -> float | None:
     return row["driver_cores"] + sum(v for k, v in row["actor_cores"].items() if k not in skip)
 
 
-def machinery_worker(params: dict) -> None:
-    """What a step of one rank of a `count`-worker group spends on the machinery that makes its maths the same at
-    any worker count (and so lets a group resize): the fakes' latents and the augmentation parameters drawn for
-    the whole global batch and this rank's rows kept (`KeyedLatents`, `Rows`), and its rows put in the global
-    minibatch-stddev group order (`recipe.group_order`). Plain PyTorch in one process (no Ray, no DeepSpeed,
-    nothing else running), `steps` steps of each kind, alternated step by step:
-
-    - keyed: the step as a rank of `count` workers takes it (rank 0's rows of the global batch);
-    - local: the same step with every draw made locally for this rank's rows only, in its own order.
-
-    Two figures: (1) the time spent inside the machinery's own functions during the keyed steps (wall-clock
-    timers around them: an upper bound, as it includes the draws a local step makes anyway), as a fraction of
-    the keyed step; (2) median keyed vs median local step time (the same thing measured end to end, with the
-    machine's noise in it). Prints one JSON line."""
+def time_machinery() -> list[float]:
+    """Wrap the count-independent draws (`KeyedLatents.begin_step/rows/draw`, DiffAugment's and xflip's draws with
+    `rows`) in wall-clock timers (this process only); returns the one-element list their time is added to."""
     import inspect
 
-    import torch
-
-    from digan.training import SingleProcessTrainer
     from digan.training import augment as aug
     from digan.training import latents as lat
     from digan.training import loss as loss_mod
-    from digan.training import recipe
 
-    torch.set_num_threads(params["threads"])
-    b, count = params["batch_per_worker"], params["count"]
-    cfg = load_config(params["preset"], [f"train.batch_size={b * count}", f"dist.num_workers={count}"]
-                      + params["overrides"])
-    from digan.malloc import configure_malloc
-
-    configure_malloc(cfg.dist, "cpu")  # as the Ray workers do
-    tr = SingleProcessTrainer(cfg, torch.device("cpu"), seed=0)
-    keyed_latents, res = tr.latents, cfg.model.resolution
-    real, dt, ids = torch.rand(b, 2, 3, res, res) * 2 - 1, torch.rand(b), torch.arange(b)  # rank 0's rows
     spent = [0.0]
 
     def timed(fn, only_with_rows: bool = False):
@@ -134,6 +109,39 @@ def machinery_worker(params: dict) -> None:
         setattr(cls, name, timed(getattr(cls, name)))
     aug.DiffAugment.sample = timed(aug.DiffAugment.sample, only_with_rows=True)
     loss_mod.random_xflip = timed(loss_mod.random_xflip, only_with_rows=True)
+    return spent
+
+
+def machinery_worker(params: dict) -> None:
+    """What a step of one rank of a `count`-worker group spends on the machinery that makes its maths the same at
+    any worker count (and so lets a group resize): the fakes' latents and the augmentation parameters drawn for
+    the whole global batch and this rank's rows kept (`KeyedLatents`, `Rows`), and its rows put in the global
+    minibatch-stddev group order (`recipe.group_order`). Plain PyTorch in one process (no Ray, no DeepSpeed,
+    nothing else running), `steps` steps of each kind, alternated step by step:
+
+    - keyed: the step as a rank of `count` workers takes it (rank 0's rows of the global batch);
+    - local: the same step with every draw made locally for this rank's rows only, in its own order.
+
+    Two figures: (1) the time spent inside the machinery's own functions during the keyed steps (wall-clock
+    timers around them: an upper bound, as it includes the draws a local step makes anyway), as a fraction of
+    the keyed step; (2) median keyed vs median local step time (the same thing measured end to end, with the
+    machine's noise in it). Prints one JSON line."""
+    import torch
+
+    from digan.training import SingleProcessTrainer
+    from digan.training import recipe
+
+    torch.set_num_threads(params["threads"])
+    b, count = params["batch_per_worker"], params["count"]
+    cfg = load_config(params["preset"], [f"train.batch_size={b * count}", f"dist.num_workers={count}"]
+                      + params["overrides"])
+    from digan.malloc import configure_malloc
+
+    configure_malloc(cfg.dist, "cpu")  # as the Ray workers do
+    tr = SingleProcessTrainer(cfg, torch.device("cpu"), seed=0)
+    keyed_latents, res = tr.latents, cfg.model.resolution
+    real, dt, ids = torch.rand(b, 2, 3, res, res) * 2 - 1, torch.rand(b), torch.arange(b)  # rank 0's rows
+    spent = time_machinery()
 
     def keyed() -> float:
         t0 = time.perf_counter()
