@@ -491,6 +491,50 @@ def test_super_resolution_reproduces_the_1x_frame(small):
     torch.testing.assert_close(f3[..., 3 * r - 1:: 3 * r, 0:: 3 * r], lattice_1x, rtol=0, atol=1e-5)
 
 
+def test_supersampling_is_the_box_filtered_dense_render(small):
+    """model.supersample=s renders every block on the s-times denser grid and averages each s x s block."""
+    cfg, G = small
+    G2 = build_generator(small_cfg(supersample=2).model).eval()
+    G2.load_state_dict(G.state_dict())
+    z, zm = seed_latents([0, 1], cfg.model.z_dim, cfg.model.motion_z_dim)
+    t = torch.tensor([[0.0, 0.6]] * 2)
+    with torch.no_grad():
+        code = G.prepare(z, zm)
+        dense, out = G.render(code, t, scale=2), G2.render(code, t)
+        out2 = G2.render(code, t, scale=2)  # super-resolution stacks on it: scale 2 of a 2x-supersampled G
+    side = cfg.model.resolution
+    assert out.shape == (2, 2, 3, side, side) and out2.shape == (2, 2, 3, 2 * side, 2 * side)
+    torch.testing.assert_close(out, F.avg_pool2d(dense.flatten(0, 1), 2).view_as(out), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        dense4 = G.render(code, t, scale=4)
+    torch.testing.assert_close(out2, F.avg_pool2d(dense4.flatten(0, 1), 2).view_as(out2), rtol=0, atol=1e-6)
+    assert (out - G.render(code, t)).abs().mean() > 1e-3  # the filter does change the frames
+
+
+def test_fourier_lr_mult_keeps_the_function_and_scales_the_frequency_steps():
+    """model.fourier_lr_mult: same G at init (equalized lr), the frequency predictor's Adam steps scaled by it."""
+    z, zm = seed_latents([0, 1, 2, 3], 128, 128)
+    t = torch.tensor([[0.0, 0.5]] * 4)
+    freqs = {}
+    for mult in (1.0, 0.1):
+        torch.manual_seed(0)
+        G = build_generator(small_cfg(fourier_lr_mult=mult).model)
+        fuser = G.blocks["b4"].coord_fuser
+        before = fuser.prepare(G.mapping(z, None), zm)[0].detach()
+        out = G(z, zm, t)
+        opt = torch.optim.Adam(G.parameters(), lr=0.0025, betas=(0.0, 0.99))
+        for _ in range(3):
+            opt.zero_grad()
+            G(z, zm, t).square().mean().backward()
+            opt.step()
+        after = fuser.prepare(G.mapping(z, None), zm)[0].detach()
+        freqs[mult] = (before, out.detach(), (after - before).abs().mean())
+    torch.testing.assert_close(freqs[0.1][0], freqs[1.0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(freqs[0.1][1], freqs[1.0][1], rtol=1e-4, atol=1e-4)
+    ratio = float(freqs[0.1][2] / freqs[1.0][2])
+    assert 0.05 < ratio < 0.2, ratio
+
+
 # ----------------------------------------------------------------------------------------------------
 # Errors and the export.
 

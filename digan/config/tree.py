@@ -55,7 +55,9 @@ class ModelConfig:
     fmm_rank: int = 10  # rank of the factorized multiplicative modulation
     coord_emb_size: int = 128  # Fourier features per CoordFuser (sin and cos each), so 2x channels
     fourier_scale: float = math.sqrt(10.0)  # sigma_x = sigma_y: scale of the w-predicted spatial frequencies
+    fourier_lr_mult: float = 1.0  # equalized-lr multiplier of the frequency predictor (xyaffine); 1 = official
     sigma_t: float = 0.25  # time frequency sigma_t (official `motion_sigma`)
+    supersample: int = 1  # render the INR on an s-times denser grid, average s x s blocks (anti-aliasing); 1 = official
     extra_conv_resolutions: list[int] = field(default_factory=lambda: [128])  # blocks with one extra FMM layer
     d_channel_base: int = 32768  # discriminator channels = min(d_channel_base // res, d_channel_max)
     d_channel_max: int = 512
@@ -78,6 +80,8 @@ class ModelConfig:
             need(getattr(self, k) >= 1, f"model.{k}={getattr(self, k)}: must be >= 1")
         need(self.sigma_t > 0, f"model.sigma_t={self.sigma_t}: the time frequency must be > 0")
         need(self.fourier_scale > 0, f"model.fourier_scale={self.fourier_scale}: must be > 0")
+        need(self.fourier_lr_mult > 0, f"model.fourier_lr_mult={self.fourier_lr_mult}: must be > 0")
+        need(self.supersample >= 1, f"model.supersample={self.supersample}: must be an integer >= 1")
         need(self.d_fp16_resolutions >= 0, f"model.d_fp16_resolutions={self.d_fp16_resolutions}: must be >= 0")
         need(self.num_classes >= 0, f"model.num_classes={self.num_classes}: must be >= 0 (0 = unconditional)")
         need(len(self.class_names) in (0, self.num_classes),

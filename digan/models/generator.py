@@ -104,10 +104,11 @@ class CoordFuser(nn.Module):
                 e(p, t) = [sin(W_xy p + b + phi(t)), cos(W_xy p + b + phi(t))]   (2 * emb_size channels).
     """
 
-    def __init__(self, w_dim: int, motion_z_dim: int, emb_size: int, fourier_scale: float, sigma_t: float):
+    def __init__(self, w_dim: int, motion_z_dim: int, emb_size: int, fourier_scale: float, sigma_t: float,
+                 fourier_lr_mult: float = 1.0):
         super().__init__()
         self.emb_size, self.fourier_scale, self.sigma_t = emb_size, fourier_scale, sigma_t
-        self.xyaffine = FullyConnected(w_dim, emb_size * 2 + emb_size, bias_init=0.0)
+        self.xyaffine = FullyConnected(w_dim, emb_size * 2 + emb_size, bias_init=0.0, lr_mult=fourier_lr_mult)
         self.affine = FullyConnected(w_dim + motion_z_dim, emb_size, bias_init=0.0)
         self.motion_mlp = nn.Sequential(FullyConnected(emb_size, emb_size, activation="lrelu"),
                                         FullyConnected(emb_size, emb_size))
@@ -162,7 +163,7 @@ class SynthesisBlock(nn.Module):
         self.coord_fuser = None
         if kind in ("first", "up"):
             self.coord_fuser = CoordFuser(w_dim, cfg.motion_z_dim, cfg.coord_emb_size, cfg.fourier_scale,
-                                          cfg.sigma_t)
+                                          cfg.sigma_t, cfg.fourier_lr_mult)
         emb = self.coord_fuser.out_channels if self.coord_fuser is not None else 0
         if kind == "first":
             self.conv0 = None
@@ -229,14 +230,15 @@ class Generator(nn.Module):
 
     forward(z [B, z_dim], z_motion [B, motion_z_dim], t [B, T], scale=1, c=None) -> frames [B, T, 3, H*scale,
     W*scale] (float, roughly in [-1, 1], not clamped); c: class labels when model.num_classes > 0. `scale` > 1 renders every block on an s-times denser
-    coordinate grid (spatial super-resolution, reference §7).
+    coordinate grid (spatial super-resolution, reference §7); `model.supersample` = s renders on an s-times denser
+    grid still and averages each s x s block (a box anti-aliasing filter; 1 = official).
     """
 
     def __init__(self, cfg):
         super().__init__()
         self.z_dim, self.w_dim, self.motion_z_dim = cfg.z_dim, cfg.w_dim, cfg.motion_z_dim
         self.resolution, self.input_resolution = cfg.resolution, cfg.input_resolution
-        self.img_channels = 3
+        self.img_channels, self.supersample = 3, cfg.supersample
         self.num_classes = cfg.num_classes
         self.mapping = MappingNetwork(cfg.z_dim, cfg.w_dim, cfg.mapping_layers, cfg.mapping_lr_mult,
                                       num_classes=cfg.num_classes)
@@ -283,9 +285,12 @@ class Generator(nn.Module):
             raise ValueError(f"t must be [B={code.batch_size}, T], got {list(t.shape)}")
         t = t.to(code.w.dtype)
         x = img = None
+        ss = self.supersample
         for name, block in self.blocks.items():
-            x, img = block(code.blocks[name], x, img, t, scale)
+            x, img = block(code.blocks[name], x, img, t, scale * ss)
         b, frames, side = t.shape[0], t.shape[1], self.resolution * scale
+        if ss > 1:  # box filter: the mean of each ss x ss block of the dense rendering
+            img = F.avg_pool2d(img.reshape(b, 3 * frames, side * ss, side * ss), ss)
         return img.reshape(b, 3, frames, side, side).transpose(1, 2).contiguous()
 
     def forward(self, z: Tensor, z_motion: Tensor, t: Tensor, scale: int = 1, truncation_psi: float = 1.0,

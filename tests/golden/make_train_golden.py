@@ -83,6 +83,7 @@ OVERRIDES = [
     "model.extra_conv_resolutions=[]", "model.d_channel_base=512", "model.d_channel_max=32",
     "model.d_fp16_resolutions=0", "model.mbstd_group=4",
     "model.fourier_scale=3.1622776601683795", "model.sigma_t=0.25",  # the official values, whatever the preset says
+    "model.fourier_lr_mult=1.0",
     "loss.r1_gamma=1.0", "loss.r1_interval=16", "loss.g_reg_interval=4", "loss.r1_schedule=separate",
     "loss.diffaug_policy=color,translation", "loss.translation_ratio=0.125", "loss.xflip=false",
     "optim.lr=0.0025", "optim.beta1=0.0", "optim.beta2=0.99", "optim.eps=1.0e-6",
