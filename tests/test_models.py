@@ -17,7 +17,7 @@ from digan.models import cpu_kernels
 from digan.models.cpu_kernels import conv3x3_winograd
 from digan.models.layers import fir_filter, fir_filter_2d
 
-# Official parameter counts (reference report §1.5, built from the official code at HEAD e822320).
+# Official parameter counts (built from the official code at HEAD e822320).
 OFFICIAL_G = 63_538_706
 OFFICIAL_MAPPING = 525_312
 OFFICIAL_COORD_FUSER = 361_216

@@ -1,6 +1,6 @@
 """DIGAN generator: a video INR I(x, y, t) -> RGB whose weights come from a content code z_I and a motion code z_M.
 
-Structure (official `networks.py` + `layers.py`, INR-GAN's multi-scale INR; see the reference report §1):
+Structure (official `networks.py` + `layers.py`, INR-GAN's multi-scale INR):
 
     z_I --normalise--> mapping MLP (2 x FC, lr x0.01) --> w
     every INR layer:  W_video = demod(W_shared * (1 + U V / sqrt(rank))),  [U; V] = affine(w)      (FMM)
@@ -230,7 +230,7 @@ class Generator(nn.Module):
 
     forward(z [B, z_dim], z_motion [B, motion_z_dim], t [B, T], scale=1, c=None) -> frames [B, T, 3, H*scale,
     W*scale] (float, roughly in [-1, 1], not clamped); c: class labels when model.num_classes > 0. `scale` > 1 renders every block on an s-times denser
-    coordinate grid (spatial super-resolution, reference §7); `model.supersample` = s renders on an s-times denser
+    coordinate grid (spatial super-resolution); `model.supersample` = s renders on an s-times denser
     grid still and averages each s x s block (a box anti-aliasing filter; 1 = official).
     """
 
