@@ -1,6 +1,6 @@
 """Does it learn? Train a preset on the embedded real footage, then measure real FVD16 along the way.
 
-    python benchmarks/quality.py                                   # demo-32, 200 kimg (~1 h on 2 cores)
+    python benchmarks/quality.py                                   # demo-32, 100 kimg (1-1.5 h on 2 cores)
     python benchmarks/quality.py --kimg 40 --every 5 --out /tmp/q  # a shorter look
     python benchmarks/quality.py --config demo-32 loss.r1_schedule=folded --out quality-folded
     python benchmarks/quality.py --eval-only --out DIR             # (re)evaluate the checkpoints of DIR
@@ -42,7 +42,8 @@ RUN_NAME = "quality"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(p, default="demo-32")
-    p.add_argument("--kimg", type=float, default=200.0, help="training length in kimg (default: 200, ~1 h on 2 cores)")
+    p.add_argument("--kimg", type=float, default=100.0,
+                   help="training length in kimg (default: 100; 76-108 kimg/hour measured on 2 cores)")
     p.add_argument("--every", type=float, default=20.0, help="evaluation points every this many kimg (default: 20)")
     p.add_argument("--early", default="2,5,10", help="earlier evaluation points in kimg (default: 2,5,10; '' = none)")
     p.add_argument("--num-videos", type=int, default=64, help="N fake and N real clips per FVD (default: 64)")

@@ -305,8 +305,8 @@ def demo_outlook(cfg: Config, out: TrainOutcome) -> str:
         f"batch {t.batch_size}) on {cfg.dist.num_workers} worker(s)",
         "  expect:       a few kimg show that the pipeline runs, not a trained model: the samples are smooth",
         "                colour blobs with little motion; shapes and the footage's greys come by 40-80 kimg. To",
-        "                train longer and measure real FVD16 and frame grids as it goes (about an hour on 2 CPU",
-        "                cores; README, 'Does it learn?'):",
+        "                train longer and measure real FVD16 and frame grids as it goes (100 kimg, 1-1.5 hours",
+        "                on 2 CPU cores; README, 'Does it learn?'):",
         "                python benchmarks/quality.py",
     ])
 
