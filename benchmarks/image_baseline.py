@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -211,37 +209,22 @@ def real_first_frames(cfg, n: int, seed: int) -> torch.Tensor:
 
 
 def evaluate(args: argparse.Namespace, cfg, snaps: list[tuple[float, nn.Module]], train_s: float | None) -> None:
-    from quality import fake_features, grid, plot_curve, real_features
+    """`quality.py`'s scoring (real FVD16, floor, grids, CSV, curve), plus the frame FID of every snapshot."""
+    from quality import score
 
-    from digan.metrics import build_frame_detector, build_video_detector, frechet_distance_from_features
+    from digan.metrics import build_frame_detector, frechet_distance_from_features
     from digan.sampling import sample_videos, video_seeds
-    from digan.video_io import write_png
 
-    out = Path(args.out)
-    det, fdet = build_video_detector("i3d", "tfhub", "cpu"), build_frame_detector("i3d", "cpu")
-    n = args.num_videos
-    ref, other = real_features(cfg, det, n, args.seed)
-    floor = frechet_distance_from_features(ref, other)
+    fdet = build_frame_detector("i3d", "cpu")
     real_frames = fdet(real_first_frames(cfg, args.fid_frames, args.seed))
-    rows, strips = [], []
-    for kimg, G in snaps:
-        fvd = frechet_distance_from_features(fake_features(G, det, n, args.seed, cfg.data.num_frames), ref)
-        fake_frames = sample_videos(G, video_seeds(args.seed, args.fid_frames), 1, cfg.data.num_frames)[:, 0]
-        fid = frechet_distance_from_features(fdet(fake_frames), real_frames)
-        img = grid(G, [0, 1, 2, 3], 8, cfg.data.num_frames)
-        write_png(out / "grids" / f"kimg-{kimg:06.1f}.png", img)
-        strips.append(img[: img.shape[0] // 4])
-        rows.append({"kimg": kimg, "fvd16": round(fvd, 2), "floor_fvd16": round(floor, 2), "num_videos": n,
-                     f"fid{args.fid_frames}_frames": round(fid, 2), "seed": args.seed, "generator": args.generator,
-                     "train_wall_s": round(train_s, 1) if train_s else ""})
-        print(f"kimg {kimg:6.1f}  fvd16 {fvd:8.1f}  (floor {floor:.1f})  frame FID{args.fid_frames} {fid:7.1f}",
-              flush=True)
-    write_png(out / "progress.png", np.concatenate(strips))
-    with open(out / "quality.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
-    plot_curve(rows, floor, out / "curve.png", f"{args.generator} G, image D only: real FVD16 (N={n}) vs kimg")
+
+    def frame_fid(G: nn.Module) -> dict:
+        fake = sample_videos(G, video_seeds(args.seed, args.fid_frames), 1, cfg.data.num_frames)[:, 0]
+        return {f"fid{args.fid_frames}_frames": round(frechet_distance_from_features(fdet(fake), real_frames), 2)}
+
+    title = f"{args.generator} G, image D only: real FVD16 (N={args.num_videos}) vs kimg"
+    score(snaps, cfg, Path(args.out), args.num_videos, args.seed, [0, 1, 2, 3], 8, title,
+          {"generator": args.generator, "train_wall_s": round(train_s, 1) if train_s else ""}, frame_fid)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,11 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -167,42 +169,55 @@ def plot_curve(rows: list[dict], floor: float, path: Path, title: str) -> None:
     img.save(path)
 
 
+def score(points: Iterable[tuple[float, torch.nn.Module]], cfg, out: Path, n: int, seed: int, grid_seeds: list[int],
+          grid_frames: int, title: str, columns: dict | None = None,
+          extra: Callable[[torch.nn.Module], dict] | None = None) -> list[dict]:
+    """Score every (kimg, G_ema): real FVD16 against N real clips, the floor, frame grids of `grid_seeds`.
+
+    Writes `grids/`, `progress.png`, `quality.csv` (with `columns`, and `extra(G)`'s per-point columns) and
+    `curve.png` into `out`; returns the CSV rows. `points` may be lazy (each G is loaded when scored)."""
+    from digan.metrics import build_video_detector, frechet_distance_from_features
+    from digan.video_io import write_png
+
+    det = build_video_detector("i3d", "tfhub", "cpu")
+    ref, other = real_features(cfg, det, n, seed)
+    floor = frechet_distance_from_features(ref, other)
+    print(f"floor (real vs real, N={n}): {floor:.1f}", file=sys.stderr, flush=True)
+    rows, strips = [], []
+    for kimg, G in points:
+        fvd = frechet_distance_from_features(fake_features(G, det, n, seed, cfg.data.num_frames), ref)
+        more = extra(G) if extra else {}
+        img = grid(G, grid_seeds, grid_frames, cfg.data.num_frames)
+        write_png(out / "grids" / f"kimg-{kimg:06.1f}.png", img)
+        strips.append(img[: img.shape[0] // len(grid_seeds)])
+        rows.append({"kimg": kimg, "fvd16": round(fvd, 2), "floor_fvd16": round(floor, 2), "num_videos": n,
+                     **more, "seed": seed, "protocol": "tfhub", "detector": "i3d_k400_tfhub", **(columns or {})})
+        shown = "".join(f"  {k} {v:.1f}" for k, v in more.items())
+        print(f"kimg {kimg:7.1f}  fvd16 {fvd:8.1f}  (floor {floor:.1f}){shown}", file=sys.stderr, flush=True)
+    if not rows:
+        raise SystemExit(f"nothing to score in {out}")
+    write_png(out / "progress.png", np.concatenate(strips))
+    with open(out / "quality.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    plot_curve(rows, floor, out / "curve.png", title)
+    return rows
+
+
 def evaluate(args: argparse.Namespace, cfg, out: Path, train_s: float | None) -> list[dict]:
     from digan.data.demo import ensure_demo_shards
-    from digan.metrics import build_video_detector, frechet_distance_from_features
     from digan.models import load_generator
-    from digan.video_io import write_png
 
     if cfg.data.source == "demo":
         cfg.data.source = ensure_demo_shards(cfg.data, cfg.model.resolution)
     points = checkpoints(out / "runs" / RUN_NAME)
     if not points:
         raise SystemExit(f"no checkpoints with a generator.pt under {out / 'runs' / RUN_NAME}")
-    det = build_video_detector("i3d", "tfhub", "cpu")
-    n, seeds = args.num_videos, [int(s) for s in args.grid_seeds.split(",")]
-    ref, other = real_features(cfg, det, n, args.seed)
-    floor = frechet_distance_from_features(ref, other)
-    print(f"floor (real vs real, N={n}): {floor:.1f}", file=sys.stderr, flush=True)
-    rows, strips = [], []
-    for kimg, file in points:
-        G, _ = load_generator(file)
-        G.eval()
-        fvd = frechet_distance_from_features(fake_features(G, det, n, args.seed, cfg.data.num_frames), ref)
-        img = grid(G, seeds, args.grid_frames, cfg.data.num_frames)
-        write_png(out / "grids" / f"kimg-{kimg:06.1f}.png", img)
-        strips.append(img[: img.shape[0] // len(seeds)])
-        rows.append({"kimg": kimg, "fvd16": round(fvd, 2), "floor_fvd16": round(floor, 2), "num_videos": n,
-                     "seed": args.seed, "protocol": "tfhub", "detector": "i3d_k400_tfhub",
-                     "train_wall_s": round(train_s, 1) if train_s else ""})
-        print(f"kimg {kimg:7.1f}  fvd16 {fvd:8.1f}  (floor {floor:.1f})", file=sys.stderr, flush=True)
-    write_png(out / "progress.png", np.concatenate(strips))
-    with open(out / "quality.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
-    title = f"{args.config} {' '.join(args.overrides)}: real FVD16 (TF-Hub I3D, N={n}) vs kimg"
-    plot_curve(rows, floor, out / "curve.png", title)
-    return rows
+    loaded = ((kimg, load_generator(file)[0].eval()) for kimg, file in points)
+    title = f"{args.config} {' '.join(args.overrides)}: real FVD16 (TF-Hub I3D, N={args.num_videos}) vs kimg"
+    return score(loaded, cfg, out, args.num_videos, args.seed, [int(s) for s in args.grid_seeds.split(",")],
+                 args.grid_frames, title, {"train_wall_s": round(train_s, 1) if train_s else ""})
 
 
 def main(argv: list[str] | None = None) -> int:
