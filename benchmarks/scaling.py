@@ -74,10 +74,11 @@ class CpuSampler:
         self.thread.start()
 
     @staticmethod
-    def _ticks(stat_path: str) -> int:
+    def _stat(stat_path: str) -> tuple[str, int]:
+        """(parent pid, utime + stime ticks) of a /proc/PID/stat or /proc/PID/task/TID/stat file."""
         st = open(stat_path).read()
-        f = st[st.rfind(")") + 2:].split()
-        return int(f[11]) + int(f[12])  # utime + stime
+        f = st[st.rfind(")") + 2:].split()  # the fields after the command name, which may hold spaces
+        return f[1], int(f[11]) + int(f[12])
 
     def _snapshot(self) -> tuple[int, int, int, int, dict[str, int]]:
         """(machine busy ticks, training-worker ticks, their DataLoader children's ticks, the driver's ticks (this
@@ -90,21 +91,20 @@ class CpuSampler:
                 cmd = open(f"/proc/{pid}/cmdline", "rb").read()
                 if not cmd.startswith(b"ray::"):
                     continue
-                st = open(f"/proc/{pid}/stat").read()
+                ppid, ticks = self._stat(f"/proc/{pid}/stat")
             except OSError:
                 continue
-            f = st[st.rfind(")") + 2:].split()
             if cmd.startswith(b"ray::RayTrainWorker"):
-                procs[pid] = (f[1], int(f[11]) + int(f[12]))  # (parent pid, utime + stime)
+                procs[pid] = (ppid, ticks)
             else:
                 name = cmd.split(b"\0")[0].split()[0].decode(errors="replace")
-                actors[name] = actors.get(name, 0) + int(f[11]) + int(f[12])
+                actors[name] = actors.get(name, 0) + ticks
         workers = sum(t for ppid, t in procs.values() if ppid not in procs)
         driver = 0
         for tid in os.listdir("/proc/self/task"):
             if int(tid) != self.tid:
                 try:
-                    driver += self._ticks(f"/proc/self/task/{tid}/stat")
+                    driver += self._stat(f"/proc/self/task/{tid}/stat")[1]
                 except OSError:
                     pass
         return busy, workers, sum(t for ppid, t in procs.values() if ppid in procs), driver, actors
