@@ -303,10 +303,10 @@ def demo_outlook(cfg: Config, out: TrainOutcome) -> str:
         f"  trained:      {t.run_name}: {m.resolution}x{m.resolution} frames of {cfg.data.num_frames}-frame clips of the "
         f"embedded demo footage, {out.kimg if out.kimg is not None else t.total_kimg:g} kimg ({steps}, global "
         f"batch {t.batch_size}) on {cfg.dist.num_workers} worker(s)",
-        "  expect:       a few kimg show that the pipeline runs, not a trained model: the samples are smooth",
-        "                colour blobs with little motion; shapes and the footage's greys come by 40-80 kimg. To",
-        "                train longer and measure real FVD16 and frame grids as it goes (100 kimg, 1-1.5 hours",
-        "                on 2 CPU cores; README, 'Does it learn?'):",
+        "  expect:       a few kimg show that the pipeline runs, not a trained model: the samples are saturated",
+        "                colour blobs with little motion; the footage's colours come by 40 kimg, moving shapes by",
+        "                80-100 kimg. To train longer and measure real FVD16 and frame grids as it goes (100 kimg,",
+        "                1-1.5 hours on 2 CPU cores; README, 'Does it learn?'):",
         "                python benchmarks/quality.py",
     ])
 
