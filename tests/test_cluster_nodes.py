@@ -227,7 +227,9 @@ def test_elastic_run_goes_on_with_fewer_workers_and_grows_back(two_nodes, tmp_pa
     assert [w for s, w in log if s <= regrown].count(1) >= 1
 
     # The same config on a fixed group of 2, never interrupted, to the same step.
-    c.submit("fixed", *common, "dist.num_workers=2", "train.run_name=fixed", f"train.total_kimg={regrown * BATCH / 1000}")
+    # every checkpoint kept: the one at `every` is the reference below, and the default keeps only the last 3
+    c.submit("fixed", *common, "dist.num_workers=2", "train.run_name=fixed", "train.keep_checkpoints=1000",
+             f"train.total_kimg={regrown * BATCH / 1000}")
     assert c.wait_job("fixed", 600) == "SUCCEEDED", c.logs("fixed")[-4000:]
     # The first step on one worker is the fixed group's step: same weights before it (both took steps 1..10 on 2
     # workers), same real clips, augmentation, fakes and minibatch-stddev groups; only float rounding differs.
