@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -235,3 +236,24 @@ def test_time_limit_warning_reaches_the_handler(slurm, tmp_path):
     assert "got SIGUSR1" in log and "driver got TERM" in log and "driver exited with 0" in log
     assert "requeueing job" in log
     assert _job_processes(jid) == []
+
+
+def test_driver_status_survives_being_reaped_inside_the_trap(tmp_path):
+    """`wait` interrupted by the preemption trap returns 128 + USR1 = 138; if the driver exits and bash reaps it
+    while the trap still runs, its own status (0 here) must be the one reported, or a clean preemption
+    checkpoint would be taken for a failure and the job not requeued. No Slurm: the functions of
+    ray_on_slurm.sh in a plain bash, the trap held open 0.5 s so the reaping always happens inside it."""
+    script = "\n".join([
+        "set -euo pipefail",
+        f". {REPO}/cluster/slurm/ray_on_slurm.sh",
+        "DIGAN_PREEMPTED=0 DIGAN_TERMINATED=0 DIGAN_REQUEUE=0 DIGAN_DRIVER_PID= DIGAN_DRIVER_SIGNAL=TERM",
+        "DIGAN_PREEMPT_SIGNAL=USR1",
+        "trap '_digan_on_preempt; sleep 0.5' USR1",
+        "( sleep 1; kill -USR1 $$ ) &",
+        "digan_run_driver bash -c 'trap \"kill \\$!; exit 0\" TERM; sleep 600 & wait'",
+        "echo \"run_driver returned $?\"",
+        ""])
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "got SIGUSR1" in out.stdout and "driver exited with 0" in out.stdout, out.stdout
+    assert "run_driver returned 0" in out.stdout, out.stdout

@@ -250,13 +250,17 @@ digan_run_driver() {
     digan_log "driver: $*"
     "$@" &
     DIGAN_DRIVER_PID=$!
-    # `wait` returns early (status > 128) whenever a trapped signal arrives; keep waiting until the
-    # driver itself has exited, then take its status.
-    while :; do
+    # `wait` returns early (status > 128) whenever a trapped signal arrives, and the driver may exit
+    # (and be reaped) while the trap runs: keep waiting until it is gone, then ask once more. bash keeps
+    # a reaped child's status, so that last `wait` returns the driver's own status, never the
+    # interrupted wait's 128 + signal.
+    while kill -0 "$DIGAN_DRIVER_PID" 2>/dev/null; do
       rc=0
       wait "$DIGAN_DRIVER_PID" || rc=$?
-      kill -0 "$DIGAN_DRIVER_PID" 2>/dev/null || break
+      [ "$rc" -ne 127 ] || break  # not our child (any more): never spin on a reused pid
     done
+    rc=0
+    wait "$DIGAN_DRIVER_PID" || rc=$?
     DIGAN_DRIVER_PID=
     digan_log "driver exited with $rc"
   fi
