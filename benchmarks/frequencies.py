@@ -48,27 +48,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def generator_files(path: Path) -> list[Path]:
-    """A file, the generator.pt of a checkpoint folder, those of a run folder's checkpoints (training order),
-    or a snapshots folder's kimg-*.pt."""
-    if path.is_file():
-        return [path]
-    if (path / "generator.pt").is_file():
-        return [path / "generator.pt"]
-    files = sorted(d / "generator.pt" for d in path.iterdir() if (d / "generator.pt").is_file())
-    files = files or sorted(path.glob("kimg-*.pt"))
+    """A file or checkpoint folder (its generator.pt), a run folder's checkpoints in training order, or a
+    snapshots folder's kimg-*.pt."""
+    from digan.models import find_generator_file
+
+    if path.is_file() or (path / "generator.pt").is_file():
+        return [find_generator_file(path)]
+    files = sorted(path.glob("*/generator.pt")) or sorted(path.glob("kimg-*.pt"))
     if not files:
         raise SystemExit(f"{path}: no generator.pt in it or in its checkpoint folders, and no kimg-*.pt")
     return files
 
 
 def load(file: Path, cfg) -> tuple[float, torch.nn.Module, object]:
-    """(kimg, G, its config) of a generator export, or of a plain state dict (then with `cfg`)."""
-    from digan.models import build_generator, load_generator, read_generator_export
+    """(kimg, G, its config) of a generator export, or of a plain state dict (then with `cfg`); one read."""
+    from digan.config import from_dict
+    from digan.models import build_generator, generator_from_export
 
     payload = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(payload, dict) and "G_ema" in payload:
-        _, payload, cfg = read_generator_export(file)
-        return float(payload["kimg"]), load_generator(file)[0], cfg
+    if isinstance(payload, dict) and "G_ema" in payload and "config" in payload:
+        cfg = from_dict(payload["config"])
+        return float(payload["kimg"]), generator_from_export(payload, cfg, file), cfg
     G = build_generator(cfg.model).eval()
     try:
         G.load_state_dict(payload)

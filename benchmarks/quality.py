@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import subprocess
 import sys
@@ -179,12 +180,16 @@ def score(points: Iterable[tuple[float, torch.nn.Module]], cfg, out: Path, n: in
     from digan.metrics import build_video_detector, frechet_distance_from_features
     from digan.video_io import write_png
 
+    points = iter(points)
+    first = next(points, None)
+    if first is None:  # before the real features: they take minutes
+        raise SystemExit(f"nothing to score in {out}")
     det = build_video_detector("i3d", "tfhub", "cpu")
     ref, other = real_features(cfg, det, n, seed)
     floor = frechet_distance_from_features(ref, other)
     print(f"floor (real vs real, N={n}): {floor:.1f}", file=sys.stderr, flush=True)
     rows, strips = [], []
-    for kimg, G in points:
+    for kimg, G in itertools.chain([first], points):
         fvd = frechet_distance_from_features(fake_features(G, det, n, seed, cfg.data.num_frames), ref)
         more = extra(G) if extra else {}
         img = grid(G, grid_seeds, grid_frames, cfg.data.num_frames)
@@ -194,8 +199,6 @@ def score(points: Iterable[tuple[float, torch.nn.Module]], cfg, out: Path, n: in
                      **more, "seed": seed, "protocol": "tfhub", "detector": "i3d_k400_tfhub", **(columns or {})})
         shown = "".join(f"  {k} {v:.1f}" for k, v in more.items())
         print(f"kimg {kimg:7.1f}  fvd16 {fvd:8.1f}  (floor {floor:.1f}){shown}", file=sys.stderr, flush=True)
-    if not rows:
-        raise SystemExit(f"nothing to score in {out}")
     write_png(out / "progress.png", np.concatenate(strips))
     with open(out / "quality.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))
